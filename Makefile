@@ -1,0 +1,32 @@
+# tally — two commands: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+install: $(BIN)/tally
+
+# The lock file pins every transitive package so a fresh install resolves the same set.
+$(BIN)/tally: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	@touch $@
+
+demo: install
+	$(BIN)/tally demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/pytest -n 2 --dist loadgroup -q
+
+bench: install
+	$(BIN)/python benchmarks/metering.py
+	$(BIN)/python benchmarks/push.py
+	$(BIN)/python benchmarks/reconcile.py
+
+clean:
+	rm -rf $(VENV) .tally *.egg-info
