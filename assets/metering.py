@@ -1,0 +1,716 @@
+"""Metering: instance heartbeats → billed seconds per (org, day, tier), DESIGN §3.
+
+The pure part works on whole-second integers (epoch seconds) in numpy arrays so a
+day of 10,000 instances (~29 M heartbeats with the look-back day) fits in memory
+and runs in seconds. Every interval is half-open [start, end).
+
+The asset at the bottom wires PostgreSQL to `compute_billed_usage`.
+"""
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Backoff,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+)
+
+from pipelines.partitions import daily_partitions, partition_day
+from resources.db import PostgresResource, load_sql, raw_connection
+
+SECONDS_PER_DAY = 86_400
+
+QUARANTINE_REASONS = (
+    "null_instance_id",
+    "null_sent_at",
+    "unknown_instance",
+    "unknown_tier",
+    "future",
+    "after_stop",
+)
+
+BILLED_COLUMNS = [
+    "org_id",
+    "usage_date",
+    "tier",
+    "runtime_seconds",
+    "idle_paused_seconds",
+    "over_continuous_seconds",
+    "over_daily_seconds",
+    "billable_seconds",
+]
+SECONDS_COLUMNS = BILLED_COLUMNS[3:]
+QUARANTINE_COLUMNS = ["instance_id", "sent_at", "active", "received_at", "reason"]
+
+
+@dataclass(frozen=True)
+class MeteringRules:
+    heartbeat_interval_s: int = 60
+    max_gap_s: int = 300
+    future_tolerance_s: int = 300
+    default_continuous_limit_s: int = 8 * 3600
+    default_daily_limit_s: int = 24 * 3600
+    default_idle_timeout_s: int = 30 * 60
+    known_tiers: frozenset[str] = field(
+        default_factory=lambda: frozenset({"small", "medium", "large", "gpu"})
+    )
+
+    def lookback_window(self, usage_date: dt.date) -> tuple[dt.datetime, dt.datetime]:
+        """Heartbeats needed to compute `usage_date` exactly: the day before (a run
+        crossing midnight keeps its start; exact while every limit ≤ 24 h) up to the
+        first heartbeat that can still extend a session into the day (≤ G after it)."""
+        day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
+        return (
+            day_start - dt.timedelta(days=1),
+            day_start + dt.timedelta(days=1, seconds=self.max_gap_s),
+        )
+
+
+@dataclass
+class MeteringResult:
+    billed: pd.DataFrame
+    quarantine: pd.DataFrame
+    duplicates_collapsed: int
+    heartbeats_used: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------
+
+
+def epoch_seconds(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Floor tz-aware timestamps to whole epoch seconds → (int64 seconds, is-null mask)."""
+    stamps = pd.to_datetime(values, utc=True)
+    missing = stamps.isna().to_numpy()
+    micros = stamps.dt.as_unit("us").to_numpy(dtype="datetime64[us]").view("int64")
+    seconds = np.floor_divide(micros, 1_000_000)
+    seconds[missing] = 0
+    return seconds, missing
+
+
+def _day_bounds(usage_date: dt.date) -> tuple[int, int]:
+    day_start = int(dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC).timestamp())
+    return day_start, day_start + SECONDS_PER_DAY
+
+
+def _overlap(starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return np.maximum(0, np.minimum(ends, hi) - np.maximum(starts, lo))
+
+
+@dataclass
+class _InstanceTable:
+    """Per-instance arrays aligned with `instances` rows."""
+
+    ids: np.ndarray  # object, instance_id
+    org: np.ndarray  # object, org_id
+    tier: np.ndarray  # object
+    tier_known: np.ndarray  # bool
+    stopped_at: np.ndarray  # int64 epoch seconds, max int when not stopped
+    continuous_limit: np.ndarray  # int64 seconds
+    daily_limit: np.ndarray  # int64 seconds
+    idle_timeout: np.ndarray  # int64 seconds
+
+
+def _instance_table(
+    instances: pd.DataFrame, throttle: pd.DataFrame, rules: MeteringRules
+) -> _InstanceTable:
+    stopped, not_stopped = epoch_seconds(instances["stopped_at"])
+    stopped[not_stopped] = np.iinfo(np.int64).max
+    limits = instances[["org_id"]].merge(
+        throttle[["org_id", "continuous_limit_s", "daily_limit_s", "idle_timeout_s"]],
+        on="org_id",
+        how="left",
+    )
+
+    def _limit(column: str, default: int) -> np.ndarray:
+        return limits[column].fillna(default).to_numpy(dtype="int64")
+
+    tiers = instances["tier"].to_numpy(dtype=object)
+    return _InstanceTable(
+        ids=instances["instance_id"].to_numpy(dtype=object),
+        org=instances["org_id"].to_numpy(dtype=object),
+        tier=tiers,
+        tier_known=np.array([tier in rules.known_tiers for tier in tiers], dtype=bool),
+        stopped_at=stopped,
+        continuous_limit=_limit("continuous_limit_s", rules.default_continuous_limit_s),
+        daily_limit=_limit("daily_limit_s", rules.default_daily_limit_s),
+        idle_timeout=_limit("idle_timeout_s", rules.default_idle_timeout_s),
+    )
+
+
+def _instance_positions(heartbeat_ids: pd.Series, instance_ids: np.ndarray) -> np.ndarray:
+    """Row of each heartbeat's instance in the instance table; -1 unknown, -2 null id."""
+    categorical = (
+        heartbeat_ids
+        if isinstance(heartbeat_ids.dtype, pd.CategoricalDtype)
+        else heartbeat_ids.astype("category")
+    )
+    codes = categorical.cat.codes.to_numpy()
+    lookup = pd.Index(instance_ids).get_indexer(categorical.cat.categories)
+    positions = np.append(lookup, -2)[np.where(codes >= 0, codes, len(lookup))]
+    return positions.astype(np.int64)
+
+
+@dataclass
+class _CleanHeartbeats:
+    instance: np.ndarray  # int64 row in the instance table, sorted with `sent`
+    sent: np.ndarray  # int64 epoch seconds
+    active: np.ndarray  # bool
+
+
+def clean_heartbeats(
+    heartbeats: pd.DataFrame,
+    table: _InstanceTable,
+    usage_date: dt.date,
+    run_time: dt.datetime,
+    rules: MeteringRules,
+) -> tuple[_CleanHeartbeats, pd.DataFrame, int]:
+    """Rule 3.1: quarantine bad rows (those belonging to the day are returned), floor
+    to the second, collapse duplicates (active if any copy is). Returns clean
+    heartbeats sorted by (instance, sent), the day's quarantine and its duplicate count."""
+    day_start, day_end = _day_bounds(usage_date)
+    run_second = int(np.floor(pd.Timestamp(run_time).timestamp()))
+
+    position = _instance_positions(heartbeats["instance_id"], table.ids)
+    sent, sent_missing = epoch_seconds(heartbeats["sent_at"])
+    # Unknown or null instances look up a sentinel row appended at the end.
+    lookup = np.where(position >= 0, position, len(table.ids))
+    tier_known = np.append(table.tier_known, True)[lookup]
+    stopped_at = np.append(table.stopped_at, np.iinfo(np.int64).max)[lookup]
+    conditions = [
+        position == -2,
+        sent_missing,
+        position == -1,
+        ~tier_known,
+        sent > run_second + rules.future_tolerance_s,
+        sent >= stopped_at,
+    ]
+    reason_code = np.select(conditions, np.arange(1, len(conditions) + 1), 0)
+
+    # A bad row belongs to the day of its sent_at, or of its received_at when the
+    # sent_at cannot be trusted (null or in the future).
+    bad = reason_code > 0
+    if bad.any():
+        received, _ = epoch_seconds(heartbeats["received_at"])
+        by_received = (reason_code == 2) | (reason_code == 5)
+        stamp = np.where(by_received, received, sent)
+        in_day = bad & (stamp >= day_start) & (stamp < day_end)
+        quarantine = heartbeats.loc[in_day, QUARANTINE_COLUMNS[:-1]].copy()
+        quarantine["reason"] = [QUARANTINE_REASONS[code - 1] for code in reason_code[in_day]]
+        quarantine = quarantine.reset_index(drop=True)
+    else:
+        quarantine = pd.DataFrame(columns=QUARANTINE_COLUMNS)
+
+    good = ~bad
+    is_active = heartbeats["active"].astype("boolean").fillna(True).to_numpy(dtype=bool)[good]
+    instance = position[good]
+    sent = sent[good]
+
+    # One int64 key per row: instance, second, active bit. Sorting it orders rows by
+    # (instance, sent) and puts an active copy last among duplicates.
+    base = int(sent.min()) if len(sent) else 0
+    key = (instance << 33) | ((sent - base) << 1) | is_active.astype(np.int64)
+    key.sort()
+    second_key = key >> 1
+    last_copy = np.ones(len(key), dtype=bool)
+    last_copy[:-1] = second_key[1:] != second_key[:-1]
+    removed = key[~last_copy]
+    removed_sent = ((removed >> 1) & 0xFFFFFFFF) + base
+    duplicates = int(((removed_sent >= day_start) & (removed_sent < day_end)).sum())
+    key = key[last_copy]
+    clean = _CleanHeartbeats(
+        instance=key >> 33,
+        sent=((key >> 1) & 0xFFFFFFFF) + base,
+        active=(key & 1).astype(bool),
+    )
+    return clean, quarantine, duplicates
+
+
+@dataclass
+class _Intervals:
+    instance: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+
+def split_sessions_and_runs(
+    clean: _CleanHeartbeats, table: _InstanceTable, rules: MeteringRules
+) -> tuple[_Intervals, _Intervals, _Intervals, _Intervals]:
+    """Rules 3.2–3.4 → (sessions, idle-paused spans, within-limit runs, over-limit spans)."""
+    instance, sent, active = clean.instance, clean.sent, clean.active
+    count = len(sent)
+    if count == 0:
+        empty = _Intervals(*(np.empty(0, dtype=np.int64) for _ in range(3)))
+        return empty, empty, empty, empty
+
+    new_session = np.ones(count, dtype=bool)
+    new_session[1:] = (instance[1:] != instance[:-1]) | (np.diff(sent) > rules.max_gap_s)
+    session_first = np.flatnonzero(new_session)
+    session_last = np.append(session_first[1:] - 1, count - 1)
+    session_of_row = np.cumsum(new_session) - 1
+    sessions = _Intervals(
+        instance[session_first],
+        sent[session_first],
+        sent[session_last] + rules.heartbeat_interval_s,
+    )
+
+    # Idle stretches: maximal runs of inactive heartbeats inside a session. Each ends
+    # at the next active heartbeat of the session or at the session's end.
+    previous_active_or_new = np.ones(count, dtype=bool)
+    previous_active_or_new[1:] = active[:-1]
+    stretch_first = np.flatnonzero(~active & (new_session | previous_active_or_new))
+    boundary = np.flatnonzero(active | new_session)
+    following = np.searchsorted(boundary, stretch_first, side="right")
+    next_index = np.append(boundary, count)[following]
+    stretch_session = session_of_row[stretch_first]
+    ends_at_active = next_index < count
+    ends_at_active[ends_at_active] = ~new_session[next_index[ends_at_active]]
+    stretch_start = sent[stretch_first]
+    stretch_end = np.where(
+        ends_at_active,
+        sent[np.minimum(next_index, count - 1)],
+        sessions.end[stretch_session],
+    )
+    timeout = table.idle_timeout[instance[stretch_first]]
+    paused = stretch_end - stretch_start > timeout
+    pauses = _Intervals(
+        instance[stretch_first][paused],
+        (stretch_start + timeout)[paused],
+        stretch_end[paused],
+    )
+    pause_session = stretch_session[paused]
+
+    # Runs: the session with its pauses cut out. A run starts at a session start or
+    # at a pause's end inside the session; it ends at a pause start or session end.
+    session_ends_paused = np.zeros(len(session_first), dtype=bool)
+    session_ends_paused[pause_session[pauses.end == sessions.end[pause_session]]] = True
+    resumes = pauses.end < sessions.end[pause_session]
+    run_instance = np.concatenate([sessions.instance, pauses.instance[resumes]])
+    run_start = np.concatenate([sessions.start, pauses.end[resumes]])
+    end_instance = np.concatenate([pauses.instance, sessions.instance[~session_ends_paused]])
+    run_end = np.concatenate([pauses.start, sessions.end[~session_ends_paused]])
+    start_order = np.lexsort((run_start, run_instance))
+    end_order = np.lexsort((run_end, end_instance))
+    run_instance, run_start, run_end = (
+        run_instance[start_order],
+        run_start[start_order],
+        run_end[end_order],
+    )
+
+    limit_end = run_start + table.continuous_limit[run_instance]
+    within = _Intervals(run_instance, run_start, np.minimum(run_end, limit_end))
+    over = run_end > limit_end
+    over_limit = _Intervals(run_instance[over], limit_end[over], run_end[over])
+    return sessions, pauses, within, over_limit
+
+
+def apply_daily_cap(
+    org: np.ndarray,
+    instance_id: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    daily_limit: np.ndarray,
+) -> np.ndarray:
+    """Rule 3.6 on one day's within-limit intervals (already clipped to the day).
+
+    Returns billable seconds per interval. Per org, C(t) counts instance-seconds
+    before t; the second T with C(T) ≤ L < C(T+1) bills its first L − C(T) running
+    instances by instance_id in byte order; everything after T is over the cap."""
+    billable = end - start
+    if len(billable) == 0:
+        return billable
+    totals = pd.Series(billable).groupby(org).sum()
+    limits = pd.Series(daily_limit).groupby(org).first()
+    capped_orgs = totals.index[totals.to_numpy() > limits.loc[totals.index].to_numpy()]
+    for capped_org in capped_orgs:
+        rows = np.flatnonzero(org == capped_org)
+        limit = int(limits.loc[capped_org])
+        times = np.concatenate([start[rows], end[rows]])
+        steps = np.concatenate([np.ones(len(rows), np.int64), -np.ones(len(rows), np.int64)])
+        order = np.argsort(times, kind="stable")
+        times, steps = times[order], steps[order]
+        points, first = np.unique(times, return_index=True)
+        running = np.cumsum(np.add.reduceat(steps, first))  # instances running after point i
+        consumed = np.concatenate([[0], np.cumsum(running[:-1] * np.diff(points))])
+        crossing = int(np.flatnonzero(consumed > limit)[0]) - 1
+        remaining = limit - int(consumed[crossing])
+        cap_second = int(points[crossing]) + remaining // int(running[crossing])
+        extra = remaining - (cap_second - int(points[crossing])) * int(running[crossing])
+        row_start, row_end = start[rows], end[rows]
+        billed = np.maximum(0, np.minimum(row_end, cap_second) - row_start)
+        in_second = np.flatnonzero((row_start <= cap_second) & (row_end > cap_second))
+        by_id = sorted(in_second, key=lambda position: instance_id[rows[position]].encode())
+        billed[by_id[:extra]] += 1
+        billable[rows] = billed
+    return billable
+
+
+def compute_billed_usage(
+    heartbeats: pd.DataFrame,
+    instances: pd.DataFrame,
+    throttle: pd.DataFrame,
+    usage_date: dt.date,
+    run_time: dt.datetime,
+    rules: MeteringRules | None = None,
+) -> MeteringResult:
+    """DESIGN §3 for one UTC day. `heartbeats` may span any days; the result is
+    exact for `usage_date` given the heartbeats of `rules.lookback_window(day)`."""
+    rules = rules or MeteringRules()
+    table = _instance_table(instances, throttle, rules)
+    clean, quarantine, duplicates = clean_heartbeats(heartbeats, table, usage_date, run_time, rules)
+    sessions, pauses, within, over_limit = split_sessions_and_runs(clean, table, rules)
+    day_start, day_end = _day_bounds(usage_date)
+    instance_count = len(table.ids)
+
+    def per_instance(intervals: _Intervals) -> np.ndarray:
+        seconds = _overlap(intervals.start, intervals.end, day_start, day_end)
+        return np.bincount(intervals.instance, weights=seconds, minlength=instance_count)
+
+    clipped_start = np.maximum(within.start, day_start)
+    clipped_end = np.minimum(within.end, day_end)
+    in_day = clipped_end > clipped_start
+    within_instance = within.instance[in_day]
+    billable = apply_daily_cap(
+        table.org[within_instance],
+        table.ids[within_instance],
+        clipped_start[in_day],
+        clipped_end[in_day],
+        table.daily_limit[within_instance],
+    )
+    candidates = np.bincount(
+        within_instance,
+        weights=clipped_end[in_day] - clipped_start[in_day],
+        minlength=instance_count,
+    )
+    billable_seconds = np.bincount(within_instance, weights=billable, minlength=instance_count)
+    per_instance_seconds = pd.DataFrame(
+        {
+            "org_id": table.org,
+            "tier": table.tier,
+            "runtime_seconds": per_instance(sessions),
+            "idle_paused_seconds": per_instance(pauses),
+            "over_continuous_seconds": per_instance(over_limit),
+            "over_daily_seconds": candidates - billable_seconds,
+            "billable_seconds": billable_seconds,
+        }
+    )
+    per_instance_seconds = per_instance_seconds[per_instance_seconds["runtime_seconds"] > 0]
+    billed = (
+        per_instance_seconds.groupby(["org_id", "tier"], as_index=False, sort=True)[SECONDS_COLUMNS]
+        .sum()
+        .astype({column: "int64" for column in SECONDS_COLUMNS})
+    )
+    billed.insert(1, "usage_date", usage_date)
+    return MeteringResult(
+        billed=billed[BILLED_COLUMNS].reset_index(drop=True),
+        quarantine=quarantine,
+        duplicates_collapsed=duplicates,
+        heartbeats_used=len(clean.sent),
+    )
+
+
+# ---------------------------------------------------------------------------
+# I/O: extract from the control plane, write billing tables, the asset
+# ---------------------------------------------------------------------------
+
+HEARTBEAT_CSV_COLUMNS = ["instance_id", "sent_at", "active", "received_at"]
+COPY_READ_BLOCK = 32 << 20
+
+
+class _CopyStream:
+    """File-like view of a psycopg COPY TO STDOUT so pyarrow parses it as it arrives."""
+
+    def __init__(self, copy) -> None:
+        self._chunks = iter(copy)
+        self._buffer = bytearray()
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class DayExtract:
+    heartbeats: pd.DataFrame
+    instances: pd.DataFrame
+    throttle: pd.DataFrame
+
+
+def _read_frame(connection, sql_name: str, params: dict | None = None) -> pd.DataFrame:
+
+    with connection.cursor() as cursor:
+        cursor.execute(load_sql(sql_name), params or {})
+        columns = [column.name for column in cursor.description]
+        return pd.DataFrame(cursor.fetchall(), columns=columns)
+
+
+def extract_day(
+    control_engine, usage_date: dt.date, run_time: dt.datetime, rules: MeteringRules
+) -> DayExtract:
+    """Instances, throttle settings and the day's heartbeats (streamed COPY → Arrow)."""
+    from resources.db import raw_connection
+
+    window_start, window_end = rules.lookback_window(usage_date)
+    day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
+    params = {
+        "window_start": window_start,
+        "window_end": window_end,
+        "future_after": run_time + dt.timedelta(seconds=rules.future_tolerance_s),
+        "day_start": day_start,
+        "day_end": day_start + dt.timedelta(days=1),
+    }
+    with raw_connection(control_engine) as connection:
+        instances = _read_frame(connection, "extract_instances.sql")
+        throttle = _read_frame(connection, "extract_throttle.sql")
+        if instances.empty:
+            instances = pd.DataFrame(
+                columns=["instance_id", "org_id", "tier", "status", "stopped_at"]
+            )
+        instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
+        known_ids = instances["instance_id"].astype(str).tolist()
+        category_index = {instance_id: code for code, instance_id in enumerate(known_ids)}
+        categories = list(known_ids)
+        codes, sent, active, received = [], [], [], []
+        with connection.cursor() as cursor:
+            with cursor.copy(load_sql("extract_heartbeats.sql"), params) as copy:
+                reader = pa_csv.open_csv(
+                    _CopyStream(copy),
+                    read_options=pa_csv.ReadOptions(
+                        column_names=HEARTBEAT_CSV_COLUMNS, block_size=COPY_READ_BLOCK
+                    ),
+                    convert_options=pa_csv.ConvertOptions(
+                        column_types={
+                            "instance_id": pa.dictionary(pa.int32(), pa.string()),
+                            "sent_at": pa.timestamp("us", tz="UTC"),
+                            "active": pa.bool_(),
+                            "received_at": pa.timestamp("us", tz="UTC"),
+                        },
+                        true_values=["t"],
+                        false_values=["f"],
+                        strings_can_be_null=True,
+                        quoted_strings_can_be_null=False,
+                    ),
+                )
+                for batch in reader:
+                    ids = batch.column(0)
+                    # Map each block's dictionary onto one global category list.
+                    mapping = np.empty(len(ids.dictionary), dtype=np.int32)
+                    for position, value in enumerate(ids.dictionary.to_pylist()):
+                        code = category_index.get(value)
+                        if code is None:
+                            code = category_index[value] = len(categories)
+                            categories.append(value)
+                        mapping[position] = code
+                    block_codes = ids.indices.to_numpy(zero_copy_only=False)
+                    null_ids = ids.is_null().to_numpy(zero_copy_only=False)
+                    block_codes = np.where(
+                        null_ids, -1, mapping[np.where(null_ids, 0, block_codes)]
+                    )
+                    codes.append(block_codes.astype(np.int32))
+                    sent.append(batch.column(1))
+                    active.append(batch.column(2))
+                    received.append(batch.column(3))
+
+    def _stamps(parts: list) -> pd.Series:
+        if not parts:
+            return pd.Series([], dtype="datetime64[us, UTC]")
+        return pd.Series(pa.chunked_array(parts).to_pandas())
+
+    heartbeats = pd.DataFrame(
+        {
+            "instance_id": pd.Categorical.from_codes(
+                np.concatenate(codes) if codes else np.empty(0, np.int32),
+                categories=pd.Index(categories, dtype=object),
+            ),
+            "sent_at": _stamps(sent),
+            "active": (
+                pd.Series(pa.chunked_array(active).to_pandas(), dtype="boolean")
+                if active
+                else pd.Series([], dtype="boolean")
+            ),
+            "received_at": _stamps(received),
+        }
+    )
+    return DayExtract(heartbeats, instances, throttle)
+
+
+def write_billed_usage(billing_engine, usage_date: dt.date, result: MeteringResult) -> None:
+    """Replace the day's rows in one transaction (a re-run replaces, never adds)."""
+    from resources.db import raw_connection
+
+    params = {"usage_date": usage_date}
+    with raw_connection(billing_engine) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            load_sql("partition_lock.sql"),
+            {"stage": "billed_usage", "usage_date": usage_date.isoformat()},
+        )
+        cursor.execute(load_sql("delete_billed_usage.sql"), params)
+        cursor.execute(load_sql("delete_quarantine.sql"), params)
+        with cursor.copy(load_sql("copy_billed_usage.sql")) as copy:
+            for row in result.billed.itertuples(index=False):
+                copy.write_row(tuple(row))
+        with cursor.copy(load_sql("copy_quarantine.sql")) as copy:
+            for row in result.quarantine.itertuples(index=False):
+                copy.write_row((usage_date, *(None if pd.isna(v) else v for v in row)))
+
+
+def _markdown_preview(billed: pd.DataFrame, limit: int = 15) -> str:
+    if billed.empty:
+        return "_no usage on this day_"
+    top = billed.sort_values("billable_seconds", ascending=False).head(limit)
+    lines = [
+        "| org | tier | runtime h | billable h | idle h | over cont. h | over daily h |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in top.itertuples(index=False):
+        lines.append(
+            f"| {row.org_id} | {row.tier} | {row.runtime_seconds / 3600:.2f} | "
+            f"{row.billable_seconds / 3600:.2f} | {row.idle_paused_seconds / 3600:.2f} | "
+            f"{row.over_continuous_seconds / 3600:.2f} | {row.over_daily_seconds / 3600:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def billed_usage_checks(
+    billed: pd.DataFrame, throttle: pd.DataFrame, rules: MeteringRules
+) -> dict[str, tuple[bool, dict]]:
+    """The blocking invariants of DESIGN §4 on rows read back from the table."""
+    identity_broken = billed["runtime_seconds"] != billed[SECONDS_COLUMNS[1:]].sum(axis=1)
+    negative = (billed[SECONDS_COLUMNS] < 0).any(axis=1)
+    per_org = billed.groupby("org_id")["billable_seconds"].sum()
+    limits = (
+        throttle.set_index("org_id")["daily_limit_s"]
+        .reindex(per_org.index)
+        .fillna(rules.default_daily_limit_s)
+    )
+    over_cap = per_org[per_org > limits]
+    return {
+        "runtime_identity": (not identity_broken.any(), {"violations": int(identity_broken.sum())}),
+        "billable_within_daily_limit": (
+            over_cap.empty,
+            {"orgs_over_limit": over_cap.index.tolist()[:20]},
+        ),
+        "no_negative_seconds": (not negative.any(), {"negative_rows": int(negative.sum())}),
+    }
+
+
+STEP_RETRY = RetryPolicy(
+    max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+)
+
+
+@asset(
+    partitions_def=daily_partitions,
+    group_name="metering",
+    retry_policy=STEP_RETRY,
+    check_specs=[
+        AssetCheckSpec(
+            "runtime_identity",
+            asset="billed_usage",
+            blocking=True,
+            description="runtime = idle + over continuous + over daily + billable",
+        ),
+        AssetCheckSpec("billable_within_daily_limit", asset="billed_usage", blocking=True),
+        AssetCheckSpec("no_negative_seconds", asset="billed_usage", blocking=True),
+        AssetCheckSpec("great_expectations_extract", asset="billed_usage", blocking=True),
+        AssetCheckSpec("great_expectations_output", asset="billed_usage", blocking=True),
+        AssetCheckSpec(
+            "no_quarantined_heartbeats",
+            asset="billed_usage",
+            description="WARN when heartbeats were quarantined",
+        ),
+    ],
+    description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
+)
+def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
+    from assets.quality import validate_billed, validate_extract
+
+    usage_date = partition_day(context.partition_key)
+    run_time = dt.datetime.now(dt.UTC)
+    rules = MeteringRules()
+    extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
+    context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
+    result = compute_billed_usage(
+        extract.heartbeats, extract.instances, extract.throttle, usage_date, run_time, rules
+    )
+    billing_engine = postgres.billing_engine()
+    write_billed_usage(billing_engine, usage_date, result)
+    with raw_connection(billing_engine) as connection:
+        stored = _read_frame(connection, "read_billed_usage.sql", {"usage_date": usage_date})
+    if stored.empty:
+        stored = pd.DataFrame(columns=BILLED_COLUMNS).astype({c: "int64" for c in SECONDS_COLUMNS})
+
+    checks = [
+        AssetCheckResult(check_name=name, passed=passed, metadata=details)
+        for name, (passed, details) in billed_usage_checks(stored, extract.throttle, rules).items()
+    ]
+    for outcome, name in (
+        (
+            validate_extract(extract.heartbeats, extract.instances, rules.known_tiers),
+            "great_expectations_extract",
+        ),
+        (validate_billed(stored, rules.known_tiers), "great_expectations_output"),
+    ):
+        checks.append(
+            AssetCheckResult(
+                check_name=name,
+                passed=outcome.success,
+                metadata={"expectations": outcome.evaluated, "failed": ", ".join(outcome.failed)},
+            )
+        )
+    reasons = result.quarantine["reason"].value_counts().to_dict()
+    checks.append(
+        AssetCheckResult(
+            check_name="no_quarantined_heartbeats",
+            passed=not reasons,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "quarantined": len(result.quarantine),
+                **{f"quarantined_{reason}": int(n) for reason, n in reasons.items()},
+            },
+        )
+    )
+    hours = {column: float(stored[column].sum()) / 3600 for column in SECONDS_COLUMNS}
+    return MaterializeResult(
+        metadata={
+            "usage_date": usage_date.isoformat(),
+            "rows": len(stored),
+            "orgs": int(stored["org_id"].nunique()),
+            "heartbeats_extracted": len(extract.heartbeats),
+            "duplicates_collapsed": result.duplicates_collapsed,
+            "quarantined": len(result.quarantine),
+            "runtime_hours": MetadataValue.float(round(hours["runtime_seconds"], 3)),
+            "billable_hours": MetadataValue.float(round(hours["billable_seconds"], 3)),
+            "idle_paused_hours": MetadataValue.float(round(hours["idle_paused_seconds"], 3)),
+            "over_continuous_hours": MetadataValue.float(
+                round(hours["over_continuous_seconds"], 3)
+            ),
+            "over_daily_hours": MetadataValue.float(round(hours["over_daily_seconds"], 3)),
+            "preview": MetadataValue.md(_markdown_preview(stored)),
+        },
+        check_results=checks,
+    )

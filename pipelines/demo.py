@@ -1,0 +1,49 @@
+"""`tally demo`: a believable week on a laptop, end to end, in one command."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import sqlalchemy as sa
+
+from pipelines.summary import SUMMARY_HEADER, day_summary_row
+from resources.db import embedded_database_url, engine_for, normalize_url
+
+DEMO_DATABASE = "tally_demo"
+
+
+def _fresh_demo_database() -> str:
+    """Recreate `tally_demo` on the embedded server so every demo starts clean."""
+    admin = engine_for(embedded_database_url())
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)'))
+        connection.execute(sa.text(f'CREATE DATABASE "{DEMO_DATABASE}"'))
+    url = sa.engine.make_url(embedded_database_url()).set(database=DEMO_DATABASE)
+    return normalize_url(url.render_as_string(hide_password=False))
+
+
+def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
+    from pipelines import seed as seeding
+    from pipelines.cli import run_days
+    from resources.db import create_control_plane
+
+    print("tally demo: starting the embedded PostgreSQL under .tally/pg", flush=True)
+    url = _fresh_demo_database()
+    os.environ["DATABASE_URL"] = url
+    os.environ.pop("BILLING_DATABASE_URL", None)
+    engine = engine_for(url)
+    create_control_plane(engine)
+    end_date = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    spec = seeding.SeedSpec(orgs=orgs, instances=instances, days=days, end_date=end_date, seed=seed)
+    counts = seeding.seed(engine, spec)
+    print(
+        "seeded " + ", ".join(f"{table}={count:,}" for table, count in counts.items()), flush=True
+    )
+    usage_days = [end_date - dt.timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+    failures = run_days(usage_days, report_only=False, echo=lambda line: print(line, flush=True))
+    print()
+    print(SUMMARY_HEADER)
+    for day in usage_days:
+        print(day_summary_row(day))
+    return 1 if failures else 0

