@@ -525,7 +525,7 @@ def extract_day(
                             code = category_index[value] = len(categories)
                             categories.append(value)
                         mapping[position] = code
-                    block_codes = ids.indices.to_numpy(zero_copy_only=False)
+                    block_codes = ids.indices.fill_null(0).to_numpy(zero_copy_only=False)
                     null_ids = ids.is_null().to_numpy(zero_copy_only=False)
                     block_codes = np.where(
                         null_ids, -1, mapping[np.where(null_ids, 0, block_codes)]

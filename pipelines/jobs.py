@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
-from pipelines.partitions import daily_partitions
-
 RUN_TIMEOUT_SECONDS = 3600
 
 # Tags enforced by dagster.yaml: one run per partition at a time (the
@@ -15,7 +13,6 @@ DAILY_BILLING_TAGS = {"dagster/max_runtime": str(RUN_TIMEOUT_SECONDS)}
 daily_billing = define_asset_job(
     "daily_billing",
     selection=AssetSelection.groups("metering", "push", "reconcile", "quota"),
-    partitions_def=daily_partitions,
     tags=DAILY_BILLING_TAGS,
     description="Meter, push, read back and reconcile one UTC usage day.",
 )

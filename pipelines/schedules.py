@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from dagster import build_schedule_from_partitioned_job
+import datetime as dt
+
+from dagster import RunRequest, ScheduleEvaluationContext, schedule
 
 from pipelines.jobs import daily_billing
 
-# With end_offset=1 the newest partition is today's; offset -1 asks for yesterday.
-daily_billing_schedule = build_schedule_from_partitioned_job(
-    daily_billing,
+
+@schedule(
+    job=daily_billing,
+    cron_schedule="0 2 * * *",
+    execution_timezone="UTC",
     name="daily_billing_schedule",
-    hour_of_day=2,
-    minute_of_hour=0,
     description="02:00 UTC: meter, push and reconcile yesterday.",
 )
+def daily_billing_schedule(context: ScheduleEvaluationContext) -> RunRequest:
+    yesterday = (context.scheduled_execution_time.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
+    # run_key makes a repeated tick for the same day a no-op.
+    return RunRequest(run_key=f"daily_billing:{yesterday}", partition_key=yesterday.isoformat())

@@ -1,0 +1,95 @@
+"""Shared fixtures: a real PostgreSQL database per test session (the server at
+127.0.0.1:5432 when it answers, else the embedded one), a Dagster home, helpers
+to load control-plane rows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+# Keep everything this suite writes out of the developer's .tally/.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="tally-tests-"))
+os.environ["TALLY_HOME"] = str(_SESSION_HOME)
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+for variable in ("DATABASE_URL", "BILLING_DATABASE_URL"):
+    os.environ.pop(variable, None)
+
+from resources import db  # noqa: E402
+
+pytest_plugins = []
+try:  # the sandbox fixture module (resources/sandbox) — optional until it lands
+    import sandbox_fixture  # noqa: F401
+
+    pytest_plugins.append("sandbox_fixture")
+except ImportError:  # pragma: no cover
+    pass
+
+CONTROL_TABLES = ["heartbeats", "usage_counters", "throttle_settings", "instances",
+                  "organizations"]
+
+
+def _local_server_url() -> str | None:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            pass
+    except OSError:
+        return None
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    try:
+        engine = sa.create_engine(url)
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        engine.dispose()
+    except sa.exc.OperationalError:
+        return None
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    """A fresh database for this test process, created from sql/source_schema.sql."""
+    server_url = _local_server_url() or db.embedded_database_url()
+    name = f"tally_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    os.environ["DATABASE_URL"] = url
+    engine = db.engine_for(url)
+    db.create_control_plane(engine)
+    db.migrate(engine)
+    yield url
+    engine.dispose()
+    db._engine.cache_clear()
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture()
+def engine(database_url: str) -> sa.Engine:
+    """The test database, emptied: control-plane tables and every billing table."""
+    engine = db.engine_for(database_url)
+    with engine.begin() as connection:
+        billing_tables = connection.execute(sa.text(
+            "SELECT quote_ident(table_name) FROM information_schema.tables "
+            "WHERE table_schema = 'billing' AND table_name <> 'schema_migrations'"
+        )).scalars().all()
+        tables = CONTROL_TABLES + [f"billing.{table}" for table in billing_tables]
+        connection.execute(sa.text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+    return engine
+
+
+@pytest.fixture()
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
