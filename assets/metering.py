@@ -205,7 +205,7 @@ def clean_heartbeats(
     bad = reason_code > 0
     if bad.any():
         received, _ = epoch_seconds(heartbeats["received_at"])
-        by_received = (reason_code == 2) | (reason_code == 5)
+        by_received = sent_missing | (reason_code == 5)
         stamp = np.where(by_received, received, sent)
         in_day = bad & (stamp >= day_start) & (stamp < day_end)
         quarantine = heartbeats.loc[in_day, QUARANTINE_COLUMNS[:-1]].copy()
