@@ -28,7 +28,7 @@ from dagster import (
 )
 
 from pipelines.partitions import daily_partitions, partition_day
-from resources.db import PostgresResource, load_sql, raw_connection
+from resources.db import PostgresResource, load_sql, raw_connection, read_frame
 
 SECONDS_PER_DAY = 86_400
 
@@ -460,14 +460,6 @@ class DayExtract:
     throttle: pd.DataFrame
 
 
-def _read_frame(connection, sql_name: str, params: dict | None = None) -> pd.DataFrame:
-
-    with connection.cursor() as cursor:
-        cursor.execute(load_sql(sql_name), params or {})
-        columns = [column.name for column in cursor.description]
-        return pd.DataFrame(cursor.fetchall(), columns=columns)
-
-
 def extract_day(
     control_engine, usage_date: dt.date, run_time: dt.datetime, rules: MeteringRules
 ) -> DayExtract:
@@ -484,8 +476,8 @@ def extract_day(
         "day_end": day_start + dt.timedelta(days=1),
     }
     with raw_connection(control_engine) as connection:
-        instances = _read_frame(connection, "extract_instances.sql")
-        throttle = _read_frame(connection, "extract_throttle.sql")
+        instances = read_frame(connection, "extract_instances.sql")
+        throttle = read_frame(connection, "extract_throttle.sql")
         if instances.empty:
             instances = pd.DataFrame(
                 columns=["instance_id", "org_id", "tier", "status", "stopped_at"]
@@ -660,7 +652,7 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
     billing_engine = postgres.billing_engine()
     write_billed_usage(billing_engine, usage_date, result)
     with raw_connection(billing_engine) as connection:
-        stored = _read_frame(connection, "read_billed_usage.sql", {"usage_date": usage_date})
+        stored = read_frame(connection, "read_billed_usage.sql", {"usage_date": usage_date})
     if stored.empty:
         stored = pd.DataFrame(columns=BILLED_COLUMNS).astype({c: "int64" for c in SECONDS_COLUMNS})
 

@@ -139,6 +139,16 @@ def raw_connection(engine: Engine) -> Iterator:
         connection.close()
 
 
+def read_frame(connection, sql_name: str, params: dict | None = None):
+    """Run `sql/<sql_name>` on a psycopg connection → DataFrame (small results)."""
+    import pandas as pd
+
+    with connection.cursor() as cursor:
+        cursor.execute(load_sql(sql_name), params or {})
+        columns = [column.name for column in cursor.description]
+        return pd.DataFrame(cursor.fetchall(), columns=columns)
+
+
 class PostgresResource(ConfigurableResource):
     """The control-plane database (read) and the billing database (schema `billing`).
 

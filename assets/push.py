@@ -1,0 +1,438 @@
+"""Push billable usage to each org's provider exactly once (DESIGN §6).
+
+Every event is first written to `billing.usage_push_ledger` as `pending` in its
+own committed transaction, then sent, then marked `sent`. A crash leaves it
+pending; the next run re-sends it with the same identifier before anything new,
+and the provider's identifier dedupe turns a second delivery into "duplicate".
+Only the difference between billable seconds and what the ledger says was sent
+ever goes out; a decrease cancels young Stripe events or becomes a credit proposal.
+"""
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.metering import STEP_RETRY, billed_usage
+from pipelines.partitions import daily_partitions, partition_day
+from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.providers import (
+    STRIPE_MAX_EVENT_AGE,
+    ProviderError,
+    ProvidersResource,
+    UsageEvent,
+)
+from resources.settings import RunMode
+
+# Stripe accepts cancellations for 24 h; stay clear of the edge.
+CANCEL_WINDOW = dt.timedelta(hours=23, minutes=30)
+SEND_BATCH = 500
+ACTIVE = ("pending", "sent")
+
+
+def identifier_for(org_id: str, usage_date: dt.date, tier: str, seq: int) -> str:
+    return f"tally:{org_id}:{usage_date.isoformat()}:{tier}:{seq}"
+
+
+@dataclass(frozen=True)
+class PushAction:
+    kind: str  # resend | cancel | send | credit | refuse
+    org_id: str
+    tier: str
+    provider: str | None
+    customer_id: str | None
+    seconds: int
+    seq: int = 0
+    identifier: str = ""
+    reason: str = ""
+
+
+def plan_push(
+    usage_date: dt.date,
+    targets: pd.DataFrame,
+    orgs: pd.DataFrame,
+    ledger: pd.DataFrame,
+    now: dt.datetime,
+) -> list[PushAction]:
+    """What to do for one day, in order: re-send pending rows, cancel, send deltas.
+
+    targets: org_id, tier, billable_seconds. orgs: org_id, provider,
+    provider_customer_id. ledger: the day's rows (org_id, tier, seq, provider,
+    customer_id, quantity, identifier, status, sent_at)."""
+    org_info = {row.org_id: row for row in orgs.itertuples(index=False)}
+    wanted = {
+        (row.org_id, row.tier): int(row.billable_seconds) for row in targets.itertuples(index=False)
+    }
+    rows_by_key: dict[tuple[str, str], list] = {}
+    for row in ledger.itertuples(index=False):
+        rows_by_key.setdefault((row.org_id, row.tier), []).append(row)
+
+    resends: list[PushAction] = []
+    cancels: list[PushAction] = []
+    sends: list[PushAction] = []
+    others: list[PushAction] = []
+    for org_id, tier in sorted(set(wanted) | set(rows_by_key)):
+        target = wanted.get((org_id, tier), 0)
+        rows = rows_by_key.get((org_id, tier), [])
+        info = org_info.get(org_id)
+        provider = getattr(info, "provider", None)
+        customer = getattr(info, "provider_customer_id", None)
+        customer = None if customer is None or pd.isna(customer) or not customer else customer
+        next_seq = max((int(row.seq) for row in rows), default=0) + 1
+
+        for row in rows:
+            if row.status == "pending":
+                resends.append(
+                    PushAction(
+                        "resend",
+                        org_id,
+                        tier,
+                        row.provider,
+                        row.customer_id,
+                        int(row.quantity),
+                        int(row.seq),
+                        row.identifier,
+                    )
+                )
+            elif row.status == "cancelling":
+                cancels.append(
+                    PushAction(
+                        "cancel",
+                        org_id,
+                        tier,
+                        row.provider,
+                        row.customer_id,
+                        int(row.quantity),
+                        int(row.seq),
+                        row.identifier,
+                    )
+                )
+        delivered = sum(int(row.quantity) for row in rows if row.status in ACTIVE)
+        delta = target - delivered
+        if delta == 0:
+            continue
+        if delta > 0:
+            refusal = _refusal(provider, customer, usage_date, now)
+            if refusal:
+                others.append(
+                    PushAction("refuse", org_id, tier, provider, customer, delta, reason=refusal)
+                )
+                continue
+            sends.append(
+                PushAction(
+                    "send",
+                    org_id,
+                    tier,
+                    provider,
+                    customer,
+                    delta,
+                    next_seq,
+                    identifier_for(org_id, usage_date, tier, next_seq),
+                )
+            )
+            continue
+        # Fewer seconds than already sent: never a negative event.
+        row_provider = rows[0].provider
+        cancellable = [
+            row
+            for row in rows
+            if row_provider == "stripe"
+            and row.status == "sent"
+            and row.sent_at is not None
+            and not pd.isna(row.sent_at)
+            and now - row.sent_at < CANCEL_WINDOW
+        ]
+        kept = delivered - sum(int(row.quantity) for row in cancellable)
+        if kept <= target:
+            for row in cancellable:
+                cancels.append(
+                    PushAction(
+                        "cancel",
+                        org_id,
+                        tier,
+                        row.provider,
+                        row.customer_id,
+                        int(row.quantity),
+                        int(row.seq),
+                        row.identifier,
+                    )
+                )
+            if target - kept > 0:
+                customer_for_send = customer or rows[0].customer_id
+                sends.append(
+                    PushAction(
+                        "send",
+                        org_id,
+                        tier,
+                        row_provider,
+                        customer_for_send,
+                        target - kept,
+                        next_seq,
+                        identifier_for(org_id, usage_date, tier, next_seq),
+                    )
+                )
+        else:
+            for row in cancellable:
+                cancels.append(
+                    PushAction(
+                        "cancel",
+                        org_id,
+                        tier,
+                        row.provider,
+                        row.customer_id,
+                        int(row.quantity),
+                        int(row.seq),
+                        row.identifier,
+                    )
+                )
+            others.append(
+                PushAction(
+                    "credit",
+                    org_id,
+                    tier,
+                    row_provider,
+                    rows[0].customer_id,
+                    kept - target,
+                    reason=f"{kept} s delivered, past the cancel window; billable {target} s",
+                )
+            )
+    return resends + cancels + sends + others
+
+
+def _refusal(
+    provider: str | None, customer: str | None, usage_date: dt.date, now: dt.datetime
+) -> str:
+    if provider not in ("stripe", "polar"):
+        return f"unknown provider {provider!r}; set organizations.provider to stripe or polar"
+    if customer is None:
+        return "no provider_customer_id; set it on the organization, then re-run the day"
+    noon = dt.datetime.combine(usage_date, dt.time(12), tzinfo=dt.UTC)
+    if provider == "stripe" and now - noon > STRIPE_MAX_EVENT_AGE:
+        return "older than 35 days: Stripe refuses the event; issue an invoice item by hand"
+    if noon - now > dt.timedelta(minutes=5):
+        return "usage day not yet at noon UTC: the provider refuses future timestamps"
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# I/O
+# ---------------------------------------------------------------------------
+
+
+def _event(action: PushAction, usage_date: dt.date) -> UsageEvent:
+    return UsageEvent(
+        action.identifier, action.customer_id, action.tier, action.seconds, usage_date
+    )
+
+
+def _mark(connection, updates: list[dict]) -> None:
+    if updates:
+        with connection.cursor() as cursor:
+            cursor.executemany(load_sql("push_mark.sql"), updates)
+        connection.commit()
+
+
+def _update(identifier: str, status: str, error: str | None = None) -> dict:
+    return {"identifier": identifier, "status": status, "last_error": error}
+
+
+def push_day(
+    connection, providers: ProvidersResource, usage_date: dt.date, now: dt.datetime, log=None
+) -> dict:
+    """Run the plan for one day on an autocommit-free psycopg connection that holds
+    the day's push lock. Returns counters for metadata."""
+    params = {"usage_date": usage_date}
+    targets = read_frame(connection, "push_targets.sql", params)
+    if targets.empty:
+        targets = pd.DataFrame(columns=["org_id", "tier", "billable_seconds"])
+    ledger = read_frame(connection, "push_ledger.sql", params)
+    if ledger.empty:
+        ledger = pd.DataFrame(
+            columns=[
+                "org_id",
+                "tier",
+                "seq",
+                "provider",
+                "customer_id",
+                "quantity",
+                "identifier",
+                "status",
+                "sent_at",
+            ]
+        )
+    connection.commit()
+    orgs = read_frame(connection, "push_orgs.sql")
+    connection.commit()
+    actions = plan_push(usage_date, targets, orgs, ledger, now)
+
+    stats = {
+        "sent": 0,
+        "resent": 0,
+        "deduplicated": 0,
+        "rejected": 0,
+        "refused": 0,
+        "cancelled": 0,
+        "credit_proposals": 0,
+        "seconds_stripe": 0,
+        "seconds_polar": 0,
+    }
+    errors: list[str] = []
+    with connection.cursor() as cursor:
+        cursor.execute(load_sql("push_clear_refusals.sql"), params)
+        for action in actions:
+            if action.kind == "refuse":
+                cursor.execute(
+                    load_sql("push_refusal.sql"),
+                    {
+                        **params,
+                        "org_id": action.org_id,
+                        "tier": action.tier,
+                        "provider": action.provider,
+                        "seconds": action.seconds,
+                        "reason": action.reason,
+                    },
+                )
+                stats["refused"] += 1
+            elif action.kind == "credit":
+                cursor.execute(
+                    load_sql("push_credit_proposal.sql"),
+                    {
+                        **params,
+                        "org_id": action.org_id,
+                        "tier": action.tier,
+                        "provider": action.provider,
+                        "seconds": action.seconds,
+                        "evidence": action.reason,
+                    },
+                )
+                stats["credit_proposals"] += 1
+    connection.commit()
+
+    clients = {}
+    for provider in sorted({a.provider for a in actions if a.kind in ("resend", "cancel", "send")}):
+        try:
+            clients[provider] = providers.client(provider)
+        except ProviderError as error:
+            errors.append(str(error))
+    for provider, client in clients.items():
+        mine = [a for a in actions if a.provider == provider]
+        try:
+            client.ensure_meters({a.tier for a in mine})
+            _deliver(
+                connection,
+                client,
+                [a for a in mine if a.kind == "resend"],
+                usage_date,
+                stats,
+                resend=True,
+            )
+            _cancel(connection, client, [a for a in mine if a.kind == "cancel"], usage_date, stats)
+            new = [a for a in mine if a.kind == "send"]
+            for start in range(0, len(new), SEND_BATCH):
+                batch = new[start : start + SEND_BATCH]
+                with connection.cursor() as cursor:
+                    cursor.executemany(
+                        load_sql("push_insert_pending.sql"),
+                        [
+                            {
+                                **params,
+                                "org_id": a.org_id,
+                                "tier": a.tier,
+                                "seq": a.seq,
+                                "provider": a.provider,
+                                "customer_id": a.customer_id,
+                                "quantity": a.seconds,
+                                "identifier": a.identifier,
+                            }
+                            for a in batch
+                        ],
+                    )
+                connection.commit()  # pending rows are durable before anything is sent
+                _deliver(connection, client, batch, usage_date, stats, resend=False)
+        except ProviderError as error:
+            errors.append(str(error))
+        for key, value in client.stats().items():
+            stats[f"{provider}_{key}"] = value
+    stats["errors"] = errors
+    return stats
+
+
+def _deliver(
+    connection, client, actions: list[PushAction], usage_date: dt.date, stats: dict, *, resend: bool
+) -> None:
+    if not actions:
+        return
+    outcomes = client.send([_event(a, usage_date) for a in actions])
+    by_identifier = {a.identifier: a for a in actions}
+    updates = []
+    for outcome in outcomes:
+        action = by_identifier[outcome.identifier]
+        if outcome.status in ("sent", "duplicate"):
+            updates.append(_update(outcome.identifier, "sent"))
+            stats["resent" if resend else "sent"] += 1
+            stats["deduplicated"] += outcome.status == "duplicate"
+            stats[f"seconds_{action.provider}"] += action.seconds
+        else:
+            # The provider said no: nothing was stored under this identifier.
+            updates.append(_update(outcome.identifier, "failed", outcome.detail[:500]))
+            stats["rejected"] += 1
+    _mark(connection, updates)
+
+
+def _cancel(
+    connection, client, actions: list[PushAction], usage_date: dt.date, stats: dict
+) -> None:
+    for action in actions:
+        _mark(connection, [_update(action.identifier, "cancelling")])
+        answer = client.cancel(_event(action, usage_date))
+        if answer == "cancelled":
+            _mark(connection, [_update(action.identifier, "cancelled")])
+            stats["cancelled"] += 1
+        else:
+            # Too late to cancel: the event stands; reconciliation proposes the credit.
+            _mark(connection, [_update(action.identifier, "sent", answer[:500])])
+
+
+@asset(
+    partitions_def=daily_partitions,
+    group_name="push",
+    deps=[billed_usage],
+    retry_policy=STEP_RETRY,
+    description="Billable seconds pushed to Stripe / Polar exactly once through the ledger.",
+)
+def usage_push(
+    context: AssetExecutionContext,
+    postgres: PostgresResource,
+    providers: ProvidersResource,
+    run_mode: RunMode,
+) -> MaterializeResult:
+    usage_date = partition_day(context.partition_key)
+    if run_mode.report_only:
+        context.log.info("report_only: nothing pushed")
+        return MaterializeResult(metadata={"report_only": True, "events_sent": 0})
+    with raw_connection(postgres.billing_engine()) as connection:
+        lock = {"usage_date": usage_date.isoformat()}
+        connection.execute(load_sql("push_lock.sql"), lock)
+        connection.commit()
+        try:
+            stats = push_day(
+                connection, providers, usage_date, dt.datetime.now(dt.UTC), context.log
+            )
+        finally:
+            connection.rollback()
+            connection.execute(load_sql("push_unlock.sql"), lock)
+            connection.commit()
+    errors = stats.pop("errors")
+    metadata = {key: MetadataValue.int(int(value)) for key, value in stats.items()}
+    metadata["hours_pushed_stripe"] = MetadataValue.float(stats["seconds_stripe"] / 3600)
+    metadata["hours_pushed_polar"] = MetadataValue.float(stats["seconds_polar"] / 3600)
+    if errors:
+        raise Failure(description="; ".join(errors), metadata=metadata)
+    return MaterializeResult(metadata=metadata)

@@ -1,0 +1,1 @@
+DELETE FROM billing.push_refusals WHERE usage_date = %(usage_date)s

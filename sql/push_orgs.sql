@@ -1,0 +1,1 @@
+SELECT org_id, provider, provider_customer_id FROM organizations

@@ -1,0 +1,1 @@
+SELECT pg_advisory_unlock(hashtext('usage_push'), hashtext(%(usage_date)s))
