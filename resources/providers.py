@@ -219,7 +219,10 @@ class StripeProvider:
                 name: api_base.rstrip("/") for name in ("api", "meter_events", "files", "connect")
             }
         self.client = stripe.StripeClient(
-            api_key, base_addresses=bases, max_network_retries=0, http_client=stripe.HTTPXClient()
+            api_key,
+            base_addresses=bases,
+            max_network_retries=0,
+            http_client=stripe.HTTPXClient(timeout=30, allow_sync_methods=True),
         )
         self.guard = CallGuard("stripe", RateLimiter(rate_per_s))
         self.concurrency = concurrency

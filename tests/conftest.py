@@ -23,13 +23,7 @@ for variable in ("DATABASE_URL", "BILLING_DATABASE_URL"):
 
 from resources import db  # noqa: E402
 
-pytest_plugins = []
-try:  # the sandbox fixture module (resources/sandbox) — optional until it lands
-    import sandbox_fixture  # noqa: F401
-
-    pytest_plugins.append("sandbox_fixture")
-except ImportError:  # pragma: no cover
-    pass
+pytest_plugins = ["sandbox_fixture"]
 
 CONTROL_TABLES = ["heartbeats", "usage_counters", "throttle_settings", "instances",
                   "organizations"]
