@@ -87,7 +87,11 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
             result = job.execute_in_process(
                 partition_key=day.isoformat(),
                 instance=instance,
-                run_config={"resources": {"run_mode": {"config": {"report_only": report_only}}}},
+                run_config={
+                    "resources": {"run_mode": {"config": {"report_only": report_only}}},
+                    # Progress is one line per day here; the full event log is in the UI.
+                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+                },
                 raise_on_error=False,
                 tags={"tally/source": "cli"},
             )
@@ -202,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="embedded DB + sandbox + seeded week, then report")
     demo.add_argument("--days", type=int, default=7)
-    demo.add_argument("--orgs", type=int, default=12)
-    demo.add_argument("--instances", type=int, default=40)
+    demo.add_argument("--orgs", type=int, default=15)
+    demo.add_argument("--instances", type=int, default=30)
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(handler=cmd_demo)
 

@@ -24,12 +24,28 @@ def _fresh_demo_database() -> str:
 
 
 def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
+    from resources.sandbox.testing import running_sandbox
+
+    print("tally demo: starting the embedded PostgreSQL under .tally/pg", flush=True)
+    url = _fresh_demo_database()
+    with running_sandbox() as sandbox:
+        print(f"tally demo: provider sandbox (Stripe + Polar) on {sandbox.base_url}", flush=True)
+        os.environ.update(
+            {
+                "STRIPE_API_BASE": sandbox.base_url,
+                "STRIPE_API_KEY": "sk_test_tally_demo",
+                "POLAR_API_BASE": sandbox.base_url,
+                "POLAR_ACCESS_TOKEN": "polar_oat_tally_demo",
+            }
+        )
+        return _seed_and_run(url, days=days, orgs=orgs, instances=instances, seed=seed)
+
+
+def _seed_and_run(url: str, *, days: int, orgs: int, instances: int, seed: int) -> int:
     from pipelines import seed as seeding
     from pipelines.cli import run_days
     from resources.db import create_control_plane
 
-    print("tally demo: starting the embedded PostgreSQL under .tally/pg", flush=True)
-    url = _fresh_demo_database()
     os.environ["DATABASE_URL"] = url
     os.environ.pop("BILLING_DATABASE_URL", None)
     engine = engine_for(url)

@@ -28,7 +28,8 @@ def day_summary_line(usage_date: dt.date) -> str:
 
 
 SUMMARY_HEADER = (
-    "day         orgs   runtime h  billable h    idle h  over-cont h  over-daily h  quarantined"
+    "day         orgs   runtime h  billable h    idle h  over-cont h  over-daily h"
+    "  quarantined   pushed h"
 )
 
 
@@ -38,5 +39,5 @@ def day_summary_row(usage_date: dt.date) -> str:
         f"{usage_date}  {s['orgs']:>4}  {_hours(s['runtime_seconds']):>10}  "
         f"{_hours(s['billable_seconds']):>10}  {_hours(s['idle_paused_seconds']):>8}  "
         f"{_hours(s['over_continuous_seconds']):>11}  {_hours(s['over_daily_seconds']):>12}  "
-        f"{s['quarantined']:>11}"
+        f"{s['quarantined']:>11}  {_hours(s['pushed_seconds']):>9}"
     )

@@ -6,6 +6,8 @@ SELECT count(DISTINCT org_id) AS orgs,
        coalesce(sum(over_daily_seconds), 0) AS over_daily_seconds,
        coalesce(sum(billable_seconds), 0) AS billable_seconds,
        (SELECT count(*) FROM billing.quarantine q WHERE q.usage_date = %(usage_date)s)
-         AS quarantined
+         AS quarantined,
+       (SELECT coalesce(sum(quantity), 0) FROM billing.usage_push_ledger l
+         WHERE l.usage_date = %(usage_date)s AND l.status = 'sent') AS pushed_seconds
 FROM billing.billed_usage
 WHERE usage_date = %(usage_date)s
