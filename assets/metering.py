@@ -182,7 +182,7 @@ def clean_heartbeats(
     to the second, collapse duplicates (active if any copy is). Returns clean
     heartbeats sorted by (instance, sent), the day's quarantine and its duplicate count."""
     day_start, day_end = _day_bounds(usage_date)
-    run_second = int(np.floor(pd.Timestamp(run_time).timestamp()))
+    run_second = pd.Timestamp(run_time).as_unit("ns").value // 1_000_000_000
 
     position = _instance_positions(heartbeats["instance_id"], table.ids)
     sent, sent_missing = epoch_seconds(heartbeats["sent_at"])
