@@ -337,9 +337,11 @@ def _retry_after(headers) -> float | None:
 
 
 def _is_duplicate(error: Exception) -> bool:
+    """Stripe v1 answers a repeated identifier with a 400 whose message says the event
+    already exists (no code); v2 uses code duplicate_meter_event. Both: delivered."""
     code = getattr(error, "code", None) or ""
     message = str(error).lower()
-    return code == "duplicate_meter_event" or "duplicate identifier" in message
+    return code == "duplicate_meter_event" or "already exists with identifier" in message
 
 
 # ---------------------------------------------------------------------------

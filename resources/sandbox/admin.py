@@ -1,0 +1,251 @@
+"""/_sandbox/* admin endpoints (no auth, no faults, no rate limits, not counted).
+
+Contract (used by tests and outside checkers):
+
+* ``GET  /_sandbox/usage?date=YYYY-MM-DD`` -> ``[{"provider","customer","tier","seconds"}]``
+  summed per (provider, customer, tier) for events whose timestamp falls on that
+  UTC day, after dedupe and cancellations. Stripe: tier from the meter event name
+  ``tally_instance_seconds_{tier}``, customer = ``payload.stripe_customer_id``.
+  Polar: events named ``tally.instance_usage``, tier = ``metadata.tier``,
+  customer = ``external_customer_id`` (the Polar customer id when there is none).
+* ``POST /_sandbox/events`` ``[{"provider","customer","tier","seconds","date"}]`` adds
+  usage directly (timestamp = date 12:00 UTC), visible here and in the provider
+  read APIs. Stripe: creates the tier's meter when missing.
+* ``POST /_sandbox/faults`` ``{"error_rate","drop_after_store_rate","latency_ms",
+  "rate_limit_per_s","stripe_rate_limit_per_s","polar_rate_limit_per_s","seed"}``
+  (all optional, merged into the current settings); ``GET`` shows them.
+* ``POST /_sandbox/reset`` clears all state, faults, counters and the clock offset.
+* ``POST /_sandbox/clock`` ``{"advance_seconds": n}`` or ``{"now": epoch}``; ``GET`` shows it.
+* ``POST /_sandbox/plans`` ``{"provider","customer","plan"}`` (or a list of them).
+* ``GET /_sandbox/stats``, ``POST /_sandbox/stats/reset``, ``GET /_sandbox/health``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .common import ApiError, as_int, json_response
+from .polar_api import TALLY_EVENT_NAME
+
+if TYPE_CHECKING:
+    from .state import SandboxState
+
+PROVIDERS = ("stripe", "polar")
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, {"error": message})
+
+
+def _state(request: Request) -> SandboxState:
+    return request.app.state.sandbox
+
+
+async def _json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise _bad("The body is not valid JSON.") from exc
+
+
+def _parse_date(value: Any, where: str) -> datetime:
+    if not isinstance(value, str):
+        raise _bad(f"{where}: expected a date as YYYY-MM-DD")
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise _bad(f"{where}: expected a date as YYYY-MM-DD, got {value!r}") from exc
+
+
+AdminHandler = Callable[[Request], Awaitable[tuple[int, Any]]]
+
+
+def _admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            status, payload = await handler(request)
+        except ApiError as error:
+            return json_response(error.status, error.payload)
+        return json_response(status, payload)
+
+    return endpoint
+
+
+@_admin
+async def usage(request: Request) -> tuple[int, Any]:
+    date = request.query_params.get("date")
+    _parse_date(date, "date")
+    state = _state(request)
+    with state.lock:
+        return 200, state.usage.for_date(date)
+
+
+@_admin
+async def add_events(request: Request) -> tuple[int, Any]:
+    body = await _json(request)
+    if isinstance(body, dict):
+        body = [body]
+    if not isinstance(body, list):
+        raise _bad("expected a JSON list of {provider, customer, tier, seconds, date}")
+    rows = []
+    for i, item in enumerate(body):
+        where = f"events[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where}: expected an object")
+        provider = item.get("provider")
+        if provider not in PROVIDERS:
+            raise _bad(f"{where}.provider: expected 'stripe' or 'polar'")
+        customer, tier = item.get("customer"), item.get("tier")
+        if not isinstance(customer, str) or not customer:
+            raise _bad(f"{where}.customer: expected a non-empty string")
+        if not isinstance(tier, str) or not tier:
+            raise _bad(f"{where}.tier: expected a non-empty string")
+        seconds = item.get("seconds")
+        if isinstance(seconds, bool) or as_int(seconds) is None:
+            raise _bad(f"{where}.seconds: expected an integer")
+        day = _parse_date(item.get("date"), f"{where}.date")
+        rows.append((provider, customer, tier, int(seconds), day))
+    state = _state(request)
+    with state.lock:
+        for provider, customer, tier, seconds, day in rows:
+            noon = day.timestamp() + 12 * 3600
+            ident = f"sandbox-admin-{uuid.uuid4().hex}"
+            if provider == "stripe":
+                meter = state.stripe.ensure_tier_meter(tier)
+                state.stripe.ingest(
+                    event_name=meter["event_name"],
+                    payload={"stripe_customer_id": customer, "value": str(seconds)},
+                    identifier=ident,
+                    timestamp=int(noon),
+                    check_window=False,
+                )
+            else:
+                state.polar.store_event(
+                    name=TALLY_EVENT_NAME,
+                    key=customer,
+                    customer_id=None,
+                    external_customer_id=customer,
+                    external_id=ident,
+                    timestamp=noon,
+                    metadata={
+                        "tier": tier,
+                        "seconds": seconds,
+                        "usage_date": day.date().isoformat(),
+                    },
+                )
+    return 200, {"inserted": len(rows)}
+
+
+@_admin
+async def faults(request: Request) -> tuple[int, Any]:
+    state = _state(request)
+    if request.method == "GET":
+        with state.lock:
+            return 200, state.faults.as_dict()
+    body = await _json(request) or {}
+    if not isinstance(body, dict):
+        raise _bad("expected a JSON object")
+    try:
+        return 200, state.configure_faults(body)
+    except ValueError as exc:
+        raise _bad(str(exc)) from exc
+
+
+@_admin
+async def reset(request: Request) -> tuple[int, Any]:
+    _state(request).reset()
+    return 200, {"reset": True}
+
+
+@_admin
+async def clock(request: Request) -> tuple[int, Any]:
+    state = _state(request)
+    if request.method == "POST":
+        body = await _json(request) or {}
+        if not isinstance(body, dict):
+            raise _bad('expected {"advance_seconds": n} or {"now": epoch}')
+        if "now" in body:
+            now = body["now"]
+            if isinstance(now, bool) or not isinstance(now, int | float):
+                raise _bad("now: expected epoch seconds")
+            state.set_now(now)
+        elif "advance_seconds" in body:
+            step = body["advance_seconds"]
+            if isinstance(step, bool) or not isinstance(step, int | float):
+                raise _bad("advance_seconds: expected a number")
+            state.advance_clock(step)
+        else:
+            raise _bad('expected {"advance_seconds": n} or {"now": epoch}')
+    with state.lock:
+        return 200, {"now": state.now(), "offset_seconds": state.clock.offset}
+
+
+@_admin
+async def plans(request: Request) -> tuple[int, Any]:
+    body = await _json(request)
+    items = body if isinstance(body, list) else [body]
+    parsed = []
+    for i, item in enumerate(items):
+        where = f"plans[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where}: expected {{provider, customer, plan}}")
+        provider, customer, plan = item.get("provider"), item.get("customer"), item.get("plan")
+        if provider not in PROVIDERS:
+            raise _bad(f"{where}.provider: expected 'stripe' or 'polar'")
+        if not isinstance(customer, str) or not customer:
+            raise _bad(f"{where}.customer: expected a non-empty string")
+        if not isinstance(plan, str) or not plan:
+            raise _bad(f"{where}.plan: expected a non-empty string")
+        parsed.append((provider, customer, plan))
+    state = _state(request)
+    with state.lock:
+        for provider, customer, plan in parsed:
+            store = state.stripe if provider == "stripe" else state.polar
+            store.set_plan(customer, plan)
+    return 200, {"updated": len(parsed)}
+
+
+@_admin
+async def stats(request: Request) -> tuple[int, Any]:
+    state = _state(request)
+    with state.lock:
+        snapshot = state.stats.snapshot()
+        snapshot["stripe_meter_events"] = state.stripe.event_count
+        snapshot["polar_events"] = len(state.polar.events)
+    return 200, snapshot
+
+
+@_admin
+async def stats_reset(request: Request) -> tuple[int, Any]:
+    _state(request).reset_stats()
+    return 200, {"reset": True}
+
+
+@_admin
+async def health(request: Request) -> tuple[int, Any]:
+    return 200, {"ok": True}
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/_sandbox/usage", usage, methods=["GET"]),
+        Route("/_sandbox/events", add_events, methods=["POST"]),
+        Route("/_sandbox/faults", faults, methods=["GET", "POST"]),
+        Route("/_sandbox/reset", reset, methods=["POST"]),
+        Route("/_sandbox/clock", clock, methods=["GET", "POST"]),
+        Route("/_sandbox/plans", plans, methods=["POST"]),
+        Route("/_sandbox/stats", stats, methods=["GET"]),
+        Route("/_sandbox/stats/reset", stats_reset, methods=["POST"]),
+        Route("/_sandbox/health", health, methods=["GET"]),
+    ]
