@@ -8,6 +8,7 @@ The asset at the bottom wires PostgreSQL to `compute_billed_usage`.
 """
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -610,8 +611,13 @@ def billed_usage_checks(
     }
 
 
+# Step retries with exponential backoff and jitter; TALLY_STEP_RETRY_DELAY_S (default
+# 30 s) shortens the first delay for tests and impatient backfills.
 STEP_RETRY = RetryPolicy(
-    max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    max_retries=3,
+    delay=float(os.environ.get("TALLY_STEP_RETRY_DELAY_S", "30")),
+    backoff=Backoff.EXPONENTIAL,
+    jitter=Jitter.PLUS_MINUS,
 )
 
 

@@ -103,12 +103,39 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
             )
             if not result.success:
                 failures += 1
-                for event in result.all_events:
-                    if event.is_failure and event.event_specific_data is not None:
-                        error = getattr(event.event_specific_data, "error", None)
-                        if error is not None:
-                            echo(f"    {event.step_key}: {error.message.strip().splitlines()[0]}")
+                for step, message in failure_messages(result):
+                    echo(f"    {step}: {message}")
     return failures
+
+
+def _user_message(error) -> str | None:
+    """Walk Dagster's error chain to the user's own exception message."""
+    while error is not None:
+        text = (error.message or "").strip()
+        if (
+            text
+            and not text.startswith(("dagster.", "Exceeded max_retries"))
+            and ("RetryRequestedFromPolicy" not in text)
+        ):
+            return text.splitlines()[0]
+        error = error.cause or error.context
+    return None
+
+
+def failure_messages(result) -> list[tuple[str, str]]:
+    """The first line of each failed step's own error (not Dagster's retry wrapper)."""
+    messages: dict[str, str] = {}
+    for event in result.all_events:
+        data = event.event_specific_data
+        if not event.step_key or data is None:
+            continue
+        user_failure = getattr(data, "user_failure_data", None)
+        message = getattr(user_failure, "description", None) or _user_message(
+            getattr(data, "error", None)
+        )
+        if message:
+            messages[event.step_key] = message.splitlines()[0]
+    return list(messages.items())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

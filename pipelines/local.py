@@ -11,11 +11,15 @@ from resources.db import PROJECT_ROOT, tally_home
 
 
 def local_dagster_home() -> Path:
-    """DAGSTER_HOME if set; else `.tally/dagster` with the project's dagster.yaml
-    (run queue limits, run monitoring) but local storage instead of Postgres."""
+    """DAGSTER_HOME if set, else `.tally/dagster`. A home without dagster.yaml gets
+    this project's (run queue limits, run monitoring, no telemetry) with local
+    storage instead of Postgres."""
     if os.environ.get("DAGSTER_HOME"):
-        return Path(os.environ["DAGSTER_HOME"])
-    home = tally_home() / "dagster"
+        home = Path(os.environ["DAGSTER_HOME"])
+        if (home / "dagster.yaml").exists():
+            return home
+    else:
+        home = tally_home() / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     settings = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
     settings.pop("storage", None)

@@ -46,18 +46,37 @@ TABLES = ("organizations", "throttle_settings", "instances", "heartbeats", "usag
 LOAD_ORDER = ("organizations", "throttle_settings", "heartbeats", "instances", "usage_counters")
 COLUMNS: dict[str, list[str]] = {
     "organizations": [
-        "org_id", "name", "billing_email", "plan", "provider", "provider_customer_id",
+        "org_id",
+        "name",
+        "billing_email",
+        "plan",
+        "provider",
+        "provider_customer_id",
         "created_at",
     ],
     "throttle_settings": [
-        "org_id", "continuous_limit_minutes", "daily_limit_minutes", "idle_timeout_minutes",
+        "org_id",
+        "continuous_limit_minutes",
+        "daily_limit_minutes",
+        "idle_timeout_minutes",
     ],
     "instances": [
-        "instance_id", "org_id", "tier", "status", "created_at", "stopped_at", "last_heartbeat",
+        "instance_id",
+        "org_id",
+        "tier",
+        "status",
+        "created_at",
+        "stopped_at",
+        "last_heartbeat",
     ],
     "heartbeats": ["instance_id", "sent_at", "active", "received_at"],
     "usage_counters": [
-        "org_id", "usage_date", "tier", "runtime_seconds", "last_reconciled_at", "updated_at",
+        "org_id",
+        "usage_date",
+        "tier",
+        "runtime_seconds",
+        "last_reconciled_at",
+        "updated_at",
     ],
 }
 PROVIDERS = ("stripe", "polar")
@@ -82,13 +101,46 @@ CHUNK_MAX_ROWS = 1_000_000  # worst-case heartbeat rows per chunk (24/7 instance
 UNKNOWN_ID_POOL = 64
 
 _ADJECTIVES = (
-    "Acme", "Blue", "Bright", "Cobalt", "Crimson", "Delta", "Golden", "Granite", "Harbor",
-    "Iron", "Lunar", "Maple", "Nimbus", "Northern", "Orbit", "Quiet", "Rapid", "Silver",
-    "Solar", "Summit", "Swift", "Vertex",
+    "Acme",
+    "Blue",
+    "Bright",
+    "Cobalt",
+    "Crimson",
+    "Delta",
+    "Golden",
+    "Granite",
+    "Harbor",
+    "Iron",
+    "Lunar",
+    "Maple",
+    "Nimbus",
+    "Northern",
+    "Orbit",
+    "Quiet",
+    "Rapid",
+    "Silver",
+    "Solar",
+    "Summit",
+    "Swift",
+    "Vertex",
 )
 _NOUNS = (
-    "Analytics", "Bakery", "Robotics", "Labs", "Studios", "Logistics", "Health", "Media",
-    "Data", "Systems", "Capital", "Games", "Foods", "Research", "Energy", "Works",
+    "Analytics",
+    "Bakery",
+    "Robotics",
+    "Labs",
+    "Studios",
+    "Logistics",
+    "Health",
+    "Media",
+    "Data",
+    "Systems",
+    "Capital",
+    "Games",
+    "Foods",
+    "Research",
+    "Energy",
+    "Works",
 )
 _SUFFIXES = ("Inc", "LLC", "Ltd", "GmbH", "SAS", "BV", "Co")
 _ALPHANUM = np.frombuffer(
@@ -150,9 +202,7 @@ class SeedSpec:
     @property
     def window_end(self) -> dt.datetime:
         """Midnight after end_date (UTC), exclusive."""
-        return dt.datetime.combine(
-            self.end_date + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC
-        )
+        return dt.datetime.combine(self.end_date + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
     @property
     def usage_dates(self) -> list[dt.date]:
@@ -227,42 +277,49 @@ def _plan(spec: SeedSpec) -> _Plan:
     providers = [spec.providers[i % len(spec.providers)] for i in range(n_orgs)]
     stripe_suffix = _ALPHANUM[rng.integers(len(_ALPHANUM), size=(n_orgs, 10))]
     customer_ids: list[str | None] = [
-        "cus_" + b"".join(stripe_suffix[i]).decode() if provider == "stripe"
+        "cus_" + b"".join(stripe_suffix[i]).decode()
+        if provider == "stripe"
         else f"ext_{org_ids[i]}"
         for i, provider in enumerate(providers)
     ]
     if n_orgs >= 5:
         customer_ids[int(rng.integers(1, n_orgs))] = None
     org_created = ws - (rng.uniform(30, 900, n_orgs) * DAY_S).astype(np.int64) * US
-    organizations = pd.DataFrame({
-        "org_id": pd.Series(org_ids, dtype="str"),
-        "name": pd.Series(names, dtype="str"),
-        "billing_email": pd.Series([f"billing@{o}.example" for o in org_ids], dtype="str"),
-        "plan": pd.Series(plans, dtype="str"),
-        "provider": pd.Series(providers, dtype="str"),
-        "provider_customer_id": pd.Series(customer_ids, dtype="str"),
-        "created_at": _ts(org_created),
-    })
+    organizations = pd.DataFrame(
+        {
+            "org_id": pd.Series(org_ids, dtype="str"),
+            "name": pd.Series(names, dtype="str"),
+            "billing_email": pd.Series([f"billing@{o}.example" for o in org_ids], dtype="str"),
+            "plan": pd.Series(plans, dtype="str"),
+            "provider": pd.Series(providers, dtype="str"),
+            "provider_customer_id": pd.Series(customer_ids, dtype="str"),
+            "created_at": _ts(org_created),
+        }
+    )
 
     # throttle settings: about a third of the orgs, one tight limit each (or all three)
     n_throttled = (n_orgs + 2) // 3
     throttled = np.sort(rng.choice(n_orgs, n_throttled, replace=False))
     limits = np.tile(np.array(DEFAULT_LIMITS, dtype=np.int64), (n_throttled, 1))
     kinds = np.arange(n_throttled) % 4
-    tight = np.column_stack([
-        rng.integers(8, 17, n_throttled) * 15,  # continuous 120-240 min
-        rng.integers(8, 21, n_throttled) * 30,  # daily 240-600 min
-        rng.integers(10, 21, n_throttled),  # idle 10-20 min
-    ])
+    tight = np.column_stack(
+        [
+            rng.integers(8, 17, n_throttled) * 15,  # continuous 120-240 min
+            rng.integers(8, 21, n_throttled) * 30,  # daily 240-600 min
+            rng.integers(10, 21, n_throttled),  # idle 10-20 min
+        ]
+    )
     for column in range(3):
         pick = (kinds == column) | (kinds == 3)
         limits[pick, column] = tight[pick, column]
-    throttle = pd.DataFrame({
-        "org_id": pd.Series(org_ids[throttled], dtype="str"),
-        "continuous_limit_minutes": limits[:, 0],
-        "daily_limit_minutes": limits[:, 1],
-        "idle_timeout_minutes": limits[:, 2],
-    })
+    throttle = pd.DataFrame(
+        {
+            "org_id": pd.Series(org_ids[throttled], dtype="str"),
+            "continuous_limit_minutes": limits[:, 0],
+            "daily_limit_minutes": limits[:, 1],
+            "idle_timeout_minutes": limits[:, 2],
+        }
+    )
 
     # instances: one per org, the rest skewed towards a few big orgs
     weights = rng.gamma(0.6, size=n_orgs) + 0.02
@@ -311,8 +368,10 @@ def _plan(spec: SeedSpec) -> _Plan:
     stop_lo = np.maximum(created, period_start) + 3600 * US
     stop_hi = we - 3600 * US
     stopped_us[is_stopped] = (
-        stop_lo + rng.random(n) * np.maximum(stop_hi - stop_lo, US)
-    )[is_stopped].astype(np.int64) // US * US
+        (stop_lo + rng.random(n) * np.maximum(stop_hi - stop_lo, US))[is_stopped].astype(np.int64)
+        // US
+        * US
+    )
 
     beats_until = np.full(n, we, dtype=np.int64)
     stop_beats = is_stopped & ~zombie
@@ -359,7 +418,10 @@ def _mark_spans(total: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def _spans_in_sessions(
-    rng: np.random.Generator, n_beats: np.ndarray, offsets: np.ndarray, per_beats: float,
+    rng: np.random.Generator,
+    n_beats: np.ndarray,
+    offsets: np.ndarray,
+    per_beats: float,
     lengths: Callable[[int], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random spans of beats inside sessions: ~one per `per_beats` beats."""
@@ -418,7 +480,10 @@ def _clean_beats(
 
     # gaps: 1-3 missed beats (<= 300 s, same session) or 5-9 (> 300 s, a new one)
     gap_start, gap_end = _spans_in_sessions(
-        rng, n_beats, offsets, 200.0,
+        rng,
+        n_beats,
+        offsets,
+        200.0,
         lambda size: np.where(
             rng.random(size) < 0.5, rng.integers(1, 4, size), rng.integers(5, 10, size)
         ),
@@ -432,17 +497,12 @@ def _clean_beats(
 
     inst = sess_inst[beat_sess]
     local = inst - lo
-    keep = (
-        ~dropped & (t >= 0) & (t < window_s)
-        & (t >= begin_s[local, 0]) & (t < until_s[local, 0])
-    )
+    keep = ~dropped & (t >= 0) & (t < window_s) & (t >= begin_s[local, 0]) & (t < until_s[local, 0])
     sent_us = ws + np.rint(t[keep] * US).astype(np.int64)
     return inst[keep], sent_us, active[keep]
 
 
-def _coverage(
-    plan: _Plan, inst: np.ndarray, sent_us: np.ndarray, lo: int, hi: int
-) -> np.ndarray:
+def _coverage(plan: _Plan, inst: np.ndarray, sent_us: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Seconds covered per (instance, window day) by sessions of billable beats."""
     cov = np.zeros((hi - lo, plan.spec.window_days), dtype=np.int64)
     valid = sent_us < plan.quarantine_from_us[inst]
@@ -458,8 +518,8 @@ def _coverage(
         overlap = np.clip(
             np.minimum(end, (day + 1) * DAY_S) - np.maximum(start, day * DAY_S), 0, None
         )
-        cov[:, day] = np.bincount(owner, weights=overlap, minlength=hi - lo).round().astype(
-            np.int64
+        cov[:, day] = (
+            np.bincount(owner, weights=overlap, minlength=hi - lo).round().astype(np.int64)
         )
     return cov
 
@@ -472,13 +532,18 @@ class _Rows:
     received_us: np.ndarray
 
     def take(self, index: np.ndarray) -> _Rows:
-        return _Rows(self.inst[index], self.sent_us[index], self.active[index],
-                     self.received_us[index])
+        return _Rows(
+            self.inst[index], self.sent_us[index], self.active[index], self.received_us[index]
+        )
 
     @staticmethod
     def concat(parts: list[_Rows]) -> _Rows:
-        return _Rows(*(np.concatenate([getattr(p, f) for p in parts])
-                       for f in ("inst", "sent_us", "active", "received_us")))
+        return _Rows(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("inst", "sent_us", "active", "received_us")
+            )
+        )
 
 
 def _received(rng: np.random.Generator, sent_us: np.ndarray) -> np.ndarray:
@@ -534,22 +599,28 @@ def _with_anomalies(plan: _Plan, rng: np.random.Generator, rows: _Rows) -> _Rows
         if origin == NAT:
             continue
         sent = origin + HEARTBEAT_S * US * np.arange(beats) + rng.integers(-2 * US, 2 * US, beats)
-        bursts.append(_Rows(
-            np.full(beats, plan.spec.instances + int(rng.integers(UNKNOWN_ID_POOL))),
-            sent, np.ones(beats, dtype=np.int8), _received(rng, sent),
-        ))
+        bursts.append(
+            _Rows(
+                np.full(beats, plan.spec.instances + int(rng.integers(UNKNOWN_ID_POOL))),
+                sent,
+                np.ones(beats, dtype=np.int8),
+                _received(rng, sent),
+            )
+        )
     return _Rows.concat([rows, null_id, null_sent, future, *bursts])
 
 
 def _frame(plan: _Plan, rows: _Rows) -> pd.DataFrame:
     dictionary = pa.array(plan.instance_ids + plan.unknown_ids, type=pa.string())
     indices = pa.array(rows.inst.astype(np.int32), mask=rows.inst < 0)
-    return pd.DataFrame({
-        "instance_id": pc.take(dictionary, indices).to_pandas(),
-        "sent_at": _ts(rows.sent_us),
-        "active": pd.arrays.BooleanArray(rows.active == 1, rows.active < 0),
-        "received_at": _ts(rows.received_us),
-    })
+    return pd.DataFrame(
+        {
+            "instance_id": pc.take(dictionary, indices).to_pandas(),
+            "sent_at": _ts(rows.sent_us),
+            "active": pd.arrays.BooleanArray(rows.active == 1, rows.active < 0),
+            "received_at": _ts(rows.received_us),
+        }
+    )
 
 
 def _iter_chunks(plan: _Plan, stats: _Stats | None = None) -> Iterator[pd.DataFrame]:
@@ -583,15 +654,17 @@ def _new_stats(plan: _Plan) -> _Stats:
 
 
 def _instances_frame(plan: _Plan, stats: _Stats) -> pd.DataFrame:
-    return pd.DataFrame({
-        "instance_id": pd.Series(plan.instance_ids, dtype="str"),
-        "org_id": pd.Series(plan.org_ids[plan.inst_org], dtype="str"),
-        "tier": pd.Series(np.array(TIERS, dtype=object)[plan.inst_tier], dtype="str"),
-        "status": pd.Series(np.array(STATUSES, dtype=object)[plan.inst_status], dtype="str"),
-        "created_at": _ts(plan.created_us),
-        "stopped_at": _ts(plan.stopped_us),
-        "last_heartbeat": _ts(stats.last_heartbeat_us),
-    })
+    return pd.DataFrame(
+        {
+            "instance_id": pd.Series(plan.instance_ids, dtype="str"),
+            "org_id": pd.Series(plan.org_ids[plan.inst_org], dtype="str"),
+            "tier": pd.Series(np.array(TIERS, dtype=object)[plan.inst_tier], dtype="str"),
+            "status": pd.Series(np.array(STATUSES, dtype=object)[plan.inst_status], dtype="str"),
+            "created_at": _ts(plan.created_us),
+            "stopped_at": _ts(plan.stopped_us),
+            "last_heartbeat": _ts(stats.last_heartbeat_us),
+        }
+    )
 
 
 def _usage_counters(plan: _Plan, stats: _Stats) -> pd.DataFrame:
@@ -624,14 +697,16 @@ def _usage_counters(plan: _Plan, stats: _Stats) -> pd.DataFrame:
         reconciled, updated + (rng.uniform(1, 6, org.size) * 3600).astype(np.int64) * US, NAT
     )
     dates = np.array(spec.usage_dates, dtype=object)
-    return pd.DataFrame({
-        "org_id": pd.Series(plan.org_ids[org], dtype="str"),
-        "usage_date": pd.Series(dates[day], dtype=object),
-        "tier": pd.Series(np.array(TIERS, dtype=object)[tier], dtype="str"),
-        "runtime_seconds": runtime.astype(np.int64),
-        "last_reconciled_at": _ts(reconciled_at),
-        "updated_at": _ts(updated),
-    })
+    return pd.DataFrame(
+        {
+            "org_id": pd.Series(plan.org_ids[org], dtype="str"),
+            "usage_date": pd.Series(dates[day], dtype=object),
+            "tier": pd.Series(np.array(TIERS, dtype=object)[tier], dtype="str"),
+            "runtime_seconds": runtime.astype(np.int64),
+            "last_reconciled_at": _ts(reconciled_at),
+            "updated_at": _ts(updated),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -714,8 +789,10 @@ def _copy_rows(cursor, table: str, frame: pd.DataFrame) -> int:
     columns = COLUMNS[table]
     frame = frame[columns]
     values = [
-        [None if pd.isna(v) else (v.to_pydatetime() if isinstance(v, pd.Timestamp) else v)
-         for v in frame[column].astype(object)]
+        [
+            None if pd.isna(v) else (v.to_pydatetime() if isinstance(v, pd.Timestamp) else v)
+            for v in frame[column].astype(object)
+        ]
         for column in columns
     ]
     with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
@@ -825,18 +902,41 @@ def _copy_heartbeats(
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `tally seed`; values are validated by run_from_args."""
     defaults = SeedSpec(end_date=dt.date(2000, 1, 1))
-    parser.add_argument("--orgs", default=defaults.orgs, metavar="N",
-                        help=f"organizations (default {defaults.orgs})")
-    parser.add_argument("--instances", default=defaults.instances, metavar="N",
-                        help=f"instances in total, at least --orgs (default {defaults.instances})")
-    parser.add_argument("--days", default=defaults.days, metavar="N",
-                        help=f"usage days ending at --end-date (default {defaults.days})")
-    parser.add_argument("--seed", default=defaults.seed, metavar="N",
-                        help=f"random seed, same flags same data (default {defaults.seed})")
-    parser.add_argument("--end-date", default=None, metavar="YYYY-MM-DD",
-                        help="last usage day (default yesterday, UTC)")
-    parser.add_argument("--no-anomalies", action="store_true",
-                        help="clean data: no duplicates, malformed rows, zombies or drift")
+    parser.add_argument(
+        "--orgs",
+        default=defaults.orgs,
+        metavar="N",
+        help=f"organizations (default {defaults.orgs})",
+    )
+    parser.add_argument(
+        "--instances",
+        default=defaults.instances,
+        metavar="N",
+        help=f"instances in total, at least --orgs (default {defaults.instances})",
+    )
+    parser.add_argument(
+        "--days",
+        default=defaults.days,
+        metavar="N",
+        help=f"usage days ending at --end-date (default {defaults.days})",
+    )
+    parser.add_argument(
+        "--seed",
+        default=defaults.seed,
+        metavar="N",
+        help=f"random seed, same flags same data (default {defaults.seed})",
+    )
+    parser.add_argument(
+        "--end-date",
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="last usage day (default yesterday, UTC)",
+    )
+    parser.add_argument(
+        "--no-anomalies",
+        action="store_true",
+        help="clean data: no duplicates, malformed rows, zombies or drift",
+    )
 
 
 def _int_flag(args: argparse.Namespace, name: str, default: int, minimum: int) -> int:
@@ -879,7 +979,11 @@ def spec_from_args(args: argparse.Namespace) -> SeedSpec:
                 f"{_yesterday().isoformat()}"
             ) from None
     return SeedSpec(
-        orgs=orgs, instances=instances, days=days, end_date=end_date, seed=seed_value,
+        orgs=orgs,
+        instances=instances,
+        days=days,
+        end_date=end_date,
+        seed=seed_value,
         anomalies=not getattr(args, "no_anomalies", False),
     )
 

@@ -18,6 +18,7 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tally-tests-"))
 os.environ["TALLY_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
+os.environ["TALLY_STEP_RETRY_DELAY_S"] = "0.05"
 for variable in ("DATABASE_URL", "BILLING_DATABASE_URL"):
     os.environ.pop(variable, None)
 
@@ -25,8 +26,10 @@ from resources import db  # noqa: E402
 
 pytest_plugins = ["sandbox_fixture"]
 
-CONTROL_TABLES = ["heartbeats", "usage_counters", "throttle_settings", "instances",
-                  "organizations"]
+STRIPE_KEY = "sk_test_tallySECRETkey0123456789"
+POLAR_TOKEN = "polar_oat_tallySECRETtoken0123"
+
+CONTROL_TABLES = ["heartbeats", "usage_counters", "throttle_settings", "instances", "organizations"]
 
 
 def _local_server_url() -> str | None:
@@ -72,10 +75,16 @@ def engine(database_url: str) -> sa.Engine:
     """The test database, emptied: control-plane tables and every billing table."""
     engine = db.engine_for(database_url)
     with engine.begin() as connection:
-        billing_tables = connection.execute(sa.text(
-            "SELECT quote_ident(table_name) FROM information_schema.tables "
-            "WHERE table_schema = 'billing' AND table_name <> 'schema_migrations'"
-        )).scalars().all()
+        billing_tables = (
+            connection.execute(
+                sa.text(
+                    "SELECT quote_ident(table_name) FROM information_schema.tables "
+                    "WHERE table_schema = 'billing' AND table_name <> 'schema_migrations'"
+                )
+            )
+            .scalars()
+            .all()
+        )
         tables = CONTROL_TABLES + [f"billing.{table}" for table in billing_tables]
         connection.execute(sa.text(f"TRUNCATE {', '.join(tables)} CASCADE"))
     return engine
@@ -87,3 +96,13 @@ def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
+
+
+@pytest.fixture()
+def providers_env(sandbox_clean, monkeypatch):
+    """Provider keys and bases pointing at a freshly reset sandbox."""
+    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", sandbox_clean.base_url)
+    monkeypatch.setenv("POLAR_ACCESS_TOKEN", POLAR_TOKEN)
+    monkeypatch.setenv("POLAR_API_BASE", sandbox_clean.base_url)
+    return sandbox_clean

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
 import sqlalchemy as sa
 from builders import add_heartbeats, add_instance, add_org, at, every_minute
 from dagster import materialize
@@ -16,27 +15,23 @@ from resources.providers import ProvidersResource
 from resources.settings import RunMode
 
 DAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
-STRIPE_KEY = "sk_test_tallySECRETkey0123456789"
-POLAR_TOKEN = "polar_oat_tallySECRETtoken0123"
-
-
-@pytest.fixture()
-def providers_env(sandbox_clean, monkeypatch):
-    monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
-    monkeypatch.setenv("STRIPE_API_BASE", sandbox_clean.base_url)
-    monkeypatch.setenv("POLAR_ACCESS_TOKEN", POLAR_TOKEN)
-    monkeypatch.setenv("POLAR_API_BASE", sandbox_clean.base_url)
-    return sandbox_clean
 
 
 def resources(report_only: bool = False, **provider_settings):
-    return {"postgres": PostgresResource(), "run_mode": RunMode(report_only=report_only),
-            "providers": ProvidersResource(**provider_settings)}
+    return {
+        "postgres": PostgresResource(),
+        "run_mode": RunMode(report_only=report_only),
+        "providers": ProvidersResource(**provider_settings),
+    }
 
 
 def run_day(day=DAY, assets=None, raise_on_error=True, **kwargs):
-    return materialize(assets or [billed_usage, usage_push], partition_key=day.isoformat(),
-                       resources=resources(**kwargs), raise_on_error=raise_on_error)
+    return materialize(
+        assets or [billed_usage, usage_push],
+        partition_key=day.isoformat(),
+        resources=resources(**kwargs),
+        raise_on_error=raise_on_error,
+    )
 
 
 def sandbox_usage(sandbox, day=DAY) -> dict[tuple[str, str, str], int]:
@@ -58,8 +53,11 @@ def world(engine):
     add_heartbeats(engine, every_minute("i-n1", at(DAY, 3), 10))
 
 
-EXPECTED = {("stripe", "cus_S0001", "small"): 3600, ("stripe", "cus_S0001", "gpu"): 1800,
-            ("polar", "ext_org-p", "large"): 5400}
+EXPECTED = {
+    ("stripe", "cus_S0001", "small"): 3600,
+    ("stripe", "cus_S0001", "gpu"): 1800,
+    ("polar", "ext_org-p", "large"): 5400,
+}
 
 
 def test_push_is_exact_and_rerun_sends_nothing(engine, providers_env):
@@ -72,8 +70,9 @@ def test_push_is_exact_and_rerun_sends_nothing(engine, providers_env):
     assert sandbox_usage(providers_env) == EXPECTED
     assert again.asset_materializations_for_node("usage_push")[0].metadata["sent"].value == 0
     with engine.connect() as connection:
-        refusal = connection.execute(sa.text(
-            "SELECT org_id, reason FROM billing.push_refusals")).one()
+        refusal = connection.execute(
+            sa.text("SELECT org_id, reason FROM billing.push_refusals")
+        ).one()
     assert refusal.org_id == "org-none" and "provider_customer_id" in refusal.reason
 
 
