@@ -55,31 +55,44 @@ def build(url: str, instances: int, orgs: int) -> None:
     db.create_control_plane(engine)
     started = time.monotonic()
     with engine.begin() as connection:
-        connection.execute(sa.text(
-            "INSERT INTO organizations (org_id, name, plan, provider, provider_customer_id) "
-            "SELECT 'org-' || o, 'Org ' || o, 'usage-only', 'stripe', 'cus_' || o "
-            "FROM generate_series(1, :orgs) o"), {"orgs": orgs})
-        connection.execute(sa.text(
-            "INSERT INTO instances (instance_id, org_id, tier, status, created_at) "
-            "SELECT 'i-' || lpad(i::text, 6, '0'), 'org-' || (1 + i % :orgs), "
-            "(ARRAY['small','medium','large','gpu'])[1 + i % 4], 'running', '2026-01-01' "
-            "FROM generate_series(1, :instances) i"), {"orgs": orgs, "instances": instances})
+        connection.execute(
+            sa.text(
+                "INSERT INTO organizations (org_id, name, plan, provider, provider_customer_id) "
+                "SELECT 'org-' || o, 'Org ' || o, 'usage-only', 'stripe', 'cus_' || o "
+                "FROM generate_series(1, :orgs) o"
+            ),
+            {"orgs": orgs},
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO instances (instance_id, org_id, tier, status, created_at) "
+                "SELECT 'i-' || lpad(i::text, 6, '0'), 'org-' || (1 + i % :orgs), "
+                "(ARRAY['small','medium','large','gpu'])[1 + i % 4], 'running', '2026-01-01' "
+                "FROM generate_series(1, :instances) i"
+            ),
+            {"orgs": orgs, "instances": instances},
+        )
         connection.execute(sa.text("DROP INDEX heartbeats_sent_at"))
         # One heartbeat a minute with sub-second jitter; a 40-minute idle stretch
         # every 7 hours so idle pauses and continuous limits both apply.
-        connection.execute(sa.text(
-            "INSERT INTO heartbeats (instance_id, sent_at, active, received_at) "
-            "SELECT 'i-' || lpad(i::text, 6, '0'), "
-            "       m + make_interval(secs => (i % 50) / 10.0), "
-            "       ((extract(epoch FROM m)::bigint / 60 + i) % 420) >= 40, "
-            "       m + interval '1 second' "
-            "FROM generate_series(1, :instances) i, "
-            "     generate_series(CAST(:start AS timestamptz), "
-            "                     CAST(:end AS timestamptz) - interval '1 minute', "
-            "                     interval '1 minute') m"),
-            {"instances": instances,
-             "start": dt.datetime.combine(DAY - dt.timedelta(days=1), dt.time(), dt.UTC),
-             "end": dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(), dt.UTC)})
+        connection.execute(
+            sa.text(
+                "INSERT INTO heartbeats (instance_id, sent_at, active, received_at) "
+                "SELECT 'i-' || lpad(i::text, 6, '0'), "
+                "       m + make_interval(secs => (i % 50) / 10.0), "
+                "       ((extract(epoch FROM m)::bigint / 60 + i) % 420) >= 40, "
+                "       m + interval '1 second' "
+                "FROM generate_series(1, :instances) i, "
+                "     generate_series(CAST(:start AS timestamptz), "
+                "                     CAST(:end AS timestamptz) - interval '1 minute', "
+                "                     interval '1 minute') m"
+            ),
+            {
+                "instances": instances,
+                "start": dt.datetime.combine(DAY - dt.timedelta(days=1), dt.time(), dt.UTC),
+                "end": dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(), dt.UTC),
+            },
+        )
         connection.execute(sa.text("CREATE INDEX heartbeats_sent_at ON heartbeats (sent_at)"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(sa.text("VACUUM ANALYZE heartbeats"))
@@ -104,15 +117,26 @@ def bare_copy_seconds(bench_url: str) -> tuple[float, int]:
 
 
 def tally_run_seconds(bench_url: str) -> tuple[float, float, str]:
-    env = {**os.environ, "DATABASE_URL": bench_url,
-           "TALLY_HOME": str(ROOT / ".tally" / "bench")}
+    env = {**os.environ, "DATABASE_URL": bench_url, "TALLY_HOME": str(ROOT / ".tally" / "bench")}
     env.pop("BILLING_DATABASE_URL", None)
     env.pop("DAGSTER_HOME", None)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "--start-date", DAY.isoformat(),
-         "--end-date", DAY.isoformat(), "--report-only"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "run",
+            "--start-date",
+            DAY.isoformat(),
+            "--end-date",
+            DAY.isoformat(),
+            "--report-only",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     elapsed = time.monotonic() - started
     if result.returncode != 0:
@@ -129,14 +153,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep an existing tally_bench")
     args = parser.parse_args()
     url = server_url(args.database_url)
-    bench_url = sa.engine.make_url(url).set(database="tally_bench").render_as_string(
-        hide_password=False)
+    bench_url = (
+        sa.engine.make_url(url).set(database="tally_bench").render_as_string(hide_password=False)
+    )
     if not args.reuse:
         build(url, args.instances, args.orgs)
     copy_seconds, copy_bytes = bare_copy_seconds(bench_url)
     run_seconds, peak_rss, last_line = tally_run_seconds(bench_url)
     print(last_line)
-    print(f"bare COPY of the day's heartbeats : {copy_seconds:8.2f} s ({copy_bytes / 2**20:,.0f} MiB)")
+    print(
+        f"bare COPY of the day's heartbeats : {copy_seconds:8.2f} s ({copy_bytes / 2**20:,.0f} MiB)"
+    )
     print(f"tally run --report-only (one day) : {run_seconds:8.2f} s")
     print(f"ratio run / COPY                  : {run_seconds / copy_seconds:8.2f}  (target ≤ 3)")
     print(f"peak RSS of tally run             : {peak_rss:8.0f} MiB (target ≤ 2048)")

@@ -16,18 +16,30 @@ def at(day: dt.date, hours: int = 0, minutes: int = 0, seconds: float = 0) -> dt
     )
 
 
-def add_org(engine: sa.Engine, org_id: str, *, plan: str = "usage-only",
-            provider: str = "stripe", customer: str | None = None,
-            email: str | None = None, throttle: tuple[int, int, int] | None = None) -> None:
+def add_org(
+    engine: sa.Engine,
+    org_id: str,
+    *,
+    plan: str = "usage-only",
+    provider: str = "stripe",
+    customer: str | None = None,
+    email: str | None = None,
+    throttle: tuple[int, int, int] | None = None,
+) -> None:
     with engine.begin() as connection:
         connection.execute(
             sa.text(
                 "INSERT INTO organizations (org_id, name, billing_email, plan, provider, "
                 "provider_customer_id) VALUES (:org, :name, :email, :plan, :provider, :customer)"
             ),
-            {"org": org_id, "name": f"{org_id} Inc.", "email": email or f"billing@{org_id}.test",
-             "plan": plan, "provider": provider,
-             "customer": customer if customer is not None else f"cus_{org_id}"},
+            {
+                "org": org_id,
+                "name": f"{org_id} Inc.",
+                "email": email or f"billing@{org_id}.test",
+                "plan": plan,
+                "provider": provider,
+                "customer": customer if customer is not None else f"cus_{org_id}",
+            },
         )
         if throttle:
             connection.execute(
@@ -36,18 +48,32 @@ def add_org(engine: sa.Engine, org_id: str, *, plan: str = "usage-only",
             )
 
 
-def add_instance(engine: sa.Engine, instance_id: str, org_id: str, tier: str = "small", *,
-                 status: str = "running", stopped_at: dt.datetime | None = None,
-                 created_at: dt.datetime | None = None,
-                 last_heartbeat: dt.datetime | None = None) -> None:
+def add_instance(
+    engine: sa.Engine,
+    instance_id: str,
+    org_id: str,
+    tier: str = "small",
+    *,
+    status: str = "running",
+    stopped_at: dt.datetime | None = None,
+    created_at: dt.datetime | None = None,
+    last_heartbeat: dt.datetime | None = None,
+) -> None:
     with engine.begin() as connection:
         connection.execute(
             sa.text(
-                "INSERT INTO instances VALUES (:id, :org, :tier, :status, :created, :stopped, :last)"
+                "INSERT INTO instances VALUES "
+                "(:id, :org, :tier, :status, :created, :stopped, :last)"
             ),
-            {"id": instance_id, "org": org_id, "tier": tier, "status": status,
-             "created": created_at or dt.datetime(2020, 1, 1, tzinfo=UTC),
-             "stopped": stopped_at, "last": last_heartbeat},
+            {
+                "id": instance_id,
+                "org": org_id,
+                "tier": tier,
+                "status": status,
+                "created": created_at or dt.datetime(2020, 1, 1, tzinfo=UTC),
+                "stopped": stopped_at,
+                "last": last_heartbeat,
+            },
         )
 
 
@@ -60,22 +86,34 @@ def add_heartbeats(engine: sa.Engine, rows: Iterable[tuple]) -> int:
         payload.append({"i": instance_id, "s": sent_at, "a": active, "r": received})
     if payload:
         with engine.begin() as connection:
-            connection.execute(
-                sa.text("INSERT INTO heartbeats VALUES (:i, :s, :a, :r)"), payload
-            )
+            connection.execute(sa.text("INSERT INTO heartbeats VALUES (:i, :s, :a, :r)"), payload)
     return len(payload)
 
 
-def every_minute(instance_id: str, start: dt.datetime, minutes: int, *, active: bool = True,
-                 step_seconds: int = 60) -> list[tuple]:
-    return [(instance_id, start + dt.timedelta(seconds=step_seconds * k), active)
-            for k in range(minutes)]
+def every_minute(
+    instance_id: str,
+    start: dt.datetime,
+    minutes: int,
+    *,
+    active: bool = True,
+    step_seconds: int = 60,
+) -> list[tuple]:
+    return [
+        (instance_id, start + dt.timedelta(seconds=step_seconds * k), active)
+        for k in range(minutes)
+    ]
 
 
 def billed_rows(engine: sa.Engine, day: dt.date) -> list[dict]:
     with engine.connect() as connection:
-        return [dict(row._mapping) for row in connection.execute(
-            sa.text("SELECT org_id, tier, runtime_seconds, idle_paused_seconds, "
+        return [
+            dict(row._mapping)
+            for row in connection.execute(
+                sa.text(
+                    "SELECT org_id, tier, runtime_seconds, idle_paused_seconds, "
                     "over_continuous_seconds, over_daily_seconds, billable_seconds "
-                    "FROM billing.billed_usage WHERE usage_date = :d ORDER BY org_id, tier"),
-            {"d": day})]
+                    "FROM billing.billed_usage WHERE usage_date = :d ORDER BY org_id, tier"
+                ),
+                {"d": day},
+            )
+        ]

@@ -23,8 +23,7 @@ def _materialize(day: dt.date = DAY):
 
 def _checks(result) -> dict:
     return {
-        evaluation.check_name: evaluation
-        for evaluation in result.get_asset_check_evaluations()
+        evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()
     }
 
 
@@ -32,8 +31,7 @@ def _world(engine) -> None:
     add_org(engine, "org-a", throttle=(120, 1440, 30))
     add_org(engine, "org-b")
     add_instance(engine, "i-a1", "org-a", "gpu")
-    add_instance(engine, "i-b1", "org-b", "small", status="stopped",
-                 stopped_at=at(DAY, 12))
+    add_instance(engine, "i-b1", "org-b", "small", status="stopped", stopped_at=at(DAY, 12))
     # org-a: 23:00 on D-1 to 02:00 on D, continuous limit 2 h → over from 01:00 on D.
     add_heartbeats(engine, every_minute("i-a1", at(DAY, -1), 180))
     # org-b: 11:00–12:00, then heartbeats after the stop (quarantined after_stop).
@@ -55,15 +53,34 @@ def test_partition_materializes_with_checks_and_rerun_changes_nothing(engine):
     first = _materialize()
     assert first.success
     expected = [
-        {"org_id": "org-a", "tier": "gpu", "runtime_seconds": 7200, "idle_paused_seconds": 0,
-         "over_continuous_seconds": 3600, "over_daily_seconds": 0, "billable_seconds": 3600},
-        {"org_id": "org-b", "tier": "small", "runtime_seconds": 3600, "idle_paused_seconds": 0,
-         "over_continuous_seconds": 0, "over_daily_seconds": 0, "billable_seconds": 3600},
+        {
+            "org_id": "org-a",
+            "tier": "gpu",
+            "runtime_seconds": 7200,
+            "idle_paused_seconds": 0,
+            "over_continuous_seconds": 3600,
+            "over_daily_seconds": 0,
+            "billable_seconds": 3600,
+        },
+        {
+            "org_id": "org-b",
+            "tier": "small",
+            "runtime_seconds": 3600,
+            "idle_paused_seconds": 0,
+            "over_continuous_seconds": 0,
+            "over_daily_seconds": 0,
+            "billable_seconds": 3600,
+        },
     ]
     assert billed_rows(engine, DAY) == expected
     checks = _checks(first)
-    for blocking in ("runtime_identity", "billable_within_daily_limit", "no_negative_seconds",
-                     "great_expectations_extract", "great_expectations_output"):
+    for blocking in (
+        "runtime_identity",
+        "billable_within_daily_limit",
+        "no_negative_seconds",
+        "great_expectations_extract",
+        "great_expectations_output",
+    ):
         assert checks[blocking].passed, blocking
     quarantine = checks["no_quarantined_heartbeats"]
     assert not quarantine.passed and quarantine.severity == AssetCheckSeverity.WARN
@@ -81,9 +98,12 @@ def test_partition_materializes_with_checks_and_rerun_changes_nothing(engine):
     assert second.success
     assert billed_rows(engine, DAY) == expected
     with engine.connect() as connection:
-        assert connection.execute(sa.text(
-            "SELECT count(*) FROM billing.quarantine WHERE usage_date = :d"), {"d": DAY}
-        ).scalar() == 7
+        assert (
+            connection.execute(
+                sa.text("SELECT count(*) FROM billing.quarantine WHERE usage_date = :d"), {"d": DAY}
+            ).scalar()
+            == 7
+        )
 
 
 def test_late_heartbeats_replace_the_day_on_rerun(engine):
@@ -97,14 +117,26 @@ def test_late_heartbeats_replace_the_day_on_rerun(engine):
 
 def test_failed_invariant_blocks(engine):
     """A billed row breaking the identity is caught by the blocking check."""
+    import pandas as pd
+
     from assets.metering import billed_usage_checks
 
-    import pandas as pd
-    broken = pd.DataFrame([{"org_id": "o", "tier": "small", "runtime_seconds": 10,
-                            "idle_paused_seconds": 0, "over_continuous_seconds": 0,
-                            "over_daily_seconds": 0, "billable_seconds": 11}])
-    throttle = pd.DataFrame([{"org_id": "o", "continuous_limit_s": 60, "daily_limit_s": 5,
-                              "idle_timeout_s": 60}])
+    broken = pd.DataFrame(
+        [
+            {
+                "org_id": "o",
+                "tier": "small",
+                "runtime_seconds": 10,
+                "idle_paused_seconds": 0,
+                "over_continuous_seconds": 0,
+                "over_daily_seconds": 0,
+                "billable_seconds": 11,
+            }
+        ]
+    )
+    throttle = pd.DataFrame(
+        [{"org_id": "o", "continuous_limit_s": 60, "daily_limit_s": 5, "idle_timeout_s": 60}]
+    )
     from assets.metering import MeteringRules
 
     results = billed_usage_checks(broken, throttle, MeteringRules())

@@ -17,8 +17,11 @@ DAY = dt.date(2026, 11, 20)
 def tally(*args: str, env: dict[str, str] | None = None, timeout: int = 300):
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).resolve().parents[1],
     )
 
 
@@ -42,8 +45,14 @@ def test_usage_errors_are_one_line_exit_2(args, fragment):
 
 
 def test_unreachable_database_is_one_line_exit_2():
-    result = tally("run", "--start-date", "2026-11-20", "--end-date", "2026-11-20",
-                   env={"DATABASE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/nope"})
+    result = tally(
+        "run",
+        "--start-date",
+        "2026-11-20",
+        "--end-date",
+        "2026-11-20",
+        env={"DATABASE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/nope"},
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot connect to PostgreSQL" in lines[0], result.stderr
@@ -56,8 +65,9 @@ def test_run_over_a_range_records_runs(engine, dagster_home):
     previous = DAY - dt.timedelta(days=1)
     add_heartbeats(engine, every_minute("i-a", at(previous, 10), 60))
     add_heartbeats(engine, every_minute("i-a", at(DAY, 10), 90))
-    result = tally("run", "--start-date", previous.isoformat(), "--end-date", DAY.isoformat(),
-                   "--report-only")
+    result = tally(
+        "run", "--start-date", previous.isoformat(), "--end-date", DAY.isoformat(), "--report-only"
+    )
     assert result.returncode == 0, result.stderr
     progress = [line for line in result.stdout.splitlines() if line.startswith("[")]
     assert progress[0].startswith(f"[1/2] {previous}") and " ok " in progress[0]
@@ -70,4 +80,6 @@ def test_run_over_a_range_records_runs(engine, dagster_home):
     with DagsterInstance.from_config(str(dagster_home)) as instance:
         runs = instance.get_runs(RunsFilter(job_name="daily_billing"))
     assert sorted(run.tags["dagster/partition"] for run in runs) == [
-        previous.isoformat(), DAY.isoformat()]
+        previous.isoformat(),
+        DAY.isoformat(),
+    ]
