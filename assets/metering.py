@@ -412,7 +412,7 @@ def compute_billed_usage(
     billed = (
         per_instance_seconds.groupby(["org_id", "tier"], as_index=False, sort=True)[SECONDS_COLUMNS]
         .sum()
-        .astype({column: "int64" for column in SECONDS_COLUMNS})
+        .astype({"org_id": "str", "tier": "str"} | {column: "int64" for column in SECONDS_COLUMNS})
     )
     billed.insert(1, "usage_date", usage_date)
     return MeteringResult(
@@ -420,6 +420,58 @@ def compute_billed_usage(
         quarantine=quarantine,
         duplicates_collapsed=duplicates,
         heartbeats_used=len(clean.sent),
+    )
+
+
+def compute_in_org_chunks(
+    heartbeats: pd.DataFrame,
+    instances: pd.DataFrame,
+    throttle: pd.DataFrame,
+    usage_date: dt.date,
+    run_time: dt.datetime,
+    rules: MeteringRules | None = None,
+    max_rows_per_chunk: int = 2_000_000,
+) -> MeteringResult:
+    """`compute_billed_usage` over groups of whole orgs of at most ~max_rows_per_chunk
+    heartbeats each, so working memory stays bounded as instances grow. The daily cap
+    is per org and an org never spans two groups, so the result is identical. Rows
+    with a null or unknown instance go to the first group only."""
+    if len(heartbeats) <= max_rows_per_chunk:
+        return compute_billed_usage(heartbeats, instances, throttle, usage_date, run_time, rules)
+    position = _instance_positions(heartbeats["instance_id"], instances["instance_id"].to_numpy())
+    org_codes, org_names = pd.factorize(instances["org_id"], sort=True)
+    rows_per_org = np.bincount(org_codes[position[position >= 0]], minlength=len(org_names)).astype(
+        np.int64
+    )
+    chunk_of_org = np.cumsum(rows_per_org) // max_rows_per_chunk
+    row_chunk = np.where(position >= 0, chunk_of_org[org_codes[np.maximum(position, 0)]], 0)
+    order = np.argsort(row_chunk, kind="stable")
+    boundaries = np.cumsum(np.bincount(row_chunk, minlength=int(chunk_of_org.max()) + 1))
+    instance_chunk = chunk_of_org[org_codes]
+    parts: list[MeteringResult] = []
+    start = 0
+    for chunk, end in enumerate(boundaries):
+        rows = order[start:end]
+        start = end
+        parts.append(
+            compute_billed_usage(
+                heartbeats.iloc[rows].reset_index(drop=True),
+                instances[instance_chunk == chunk],
+                throttle,
+                usage_date,
+                run_time,
+                rules,
+            )
+        )
+    billed = pd.concat([part.billed for part in parts], ignore_index=True)
+    return MeteringResult(
+        billed=billed.sort_values(["org_id", "tier"], kind="stable").reset_index(drop=True),
+        quarantine=pd.concat(
+            [part.quarantine for part in parts if len(part.quarantine)] or [parts[0].quarantine],
+            ignore_index=True,
+        ),
+        duplicates_collapsed=sum(part.duplicates_collapsed for part in parts),
+        heartbeats_used=sum(part.heartbeats_used for part in parts),
     )
 
 
@@ -652,7 +704,7 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
     rules = MeteringRules()
     extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
     context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
-    result = compute_billed_usage(
+    result = compute_in_org_chunks(
         extract.heartbeats, extract.instances, extract.throttle, usage_date, run_time, rules
     )
     billing_engine = postgres.billing_engine()
