@@ -284,6 +284,7 @@ def push_day(
         "seconds_polar": 0,
     }
     errors: list[str] = []
+    config_errors = 0
     with connection.cursor() as cursor:
         cursor.execute(load_sql("push_clear_refusals.sql"), params)
         for action in actions:
@@ -321,6 +322,7 @@ def push_day(
             clients[provider] = providers.client(provider)
         except ProviderError as error:
             errors.append(str(error))
+            config_errors += 1
     for provider, client in clients.items():
         mine = [a for a in actions if a.provider == provider]
         try:
@@ -361,6 +363,7 @@ def push_day(
         for key, value in client.stats().items():
             stats[f"{provider}_{key}"] = value
     stats["errors"] = errors
+    stats["retryable"] = len(errors) > config_errors
     return stats
 
 
@@ -430,9 +433,11 @@ def usage_push(
             connection.execute(load_sql("push_unlock.sql"), lock)
             connection.commit()
     errors = stats.pop("errors")
+    retryable = stats.pop("retryable")
     metadata = {key: MetadataValue.int(int(value)) for key, value in stats.items()}
     metadata["hours_pushed_stripe"] = MetadataValue.float(stats["seconds_stripe"] / 3600)
     metadata["hours_pushed_polar"] = MetadataValue.float(stats["seconds_polar"] / 3600)
     if errors:
-        raise Failure(description="; ".join(errors), metadata=metadata)
+        # A missing key will not fix itself: fail at once. Provider outages retry.
+        raise Failure(description="; ".join(errors), metadata=metadata, allow_retries=retryable)
     return MaterializeResult(metadata=metadata)

@@ -19,6 +19,8 @@ from builders import add_heartbeats, add_instance, add_org, at, every_minute
 from conftest import POLAR_TOKEN, STRIPE_KEY
 from test_push import DAY, run_day, sandbox_usage
 
+from pipelines.cli import failure_messages
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -244,7 +246,7 @@ def test_missing_key_names_the_variable_and_other_provider_still_pushed(
     monkeypatch.delenv(variable)
     result = run_day(raise_on_error=False)
     assert not result.success
-    failure = [event for event in result.all_events if event.is_step_failure][0]
-    assert variable in failure.step_failure_data.error.message
+    messages = dict(failure_messages(result))
+    assert variable in messages["usage_push"]
     pushed = {key[0] for key in sandbox_usage(providers_env)}
     assert pushed == {"stripe", "polar"} - {"stripe" if "STRIPE" in variable else "polar"}
