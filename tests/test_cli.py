@@ -83,3 +83,56 @@ def test_run_over_a_range_records_runs(engine, dagster_home):
         previous.isoformat(),
         DAY.isoformat(),
     ]
+
+
+def test_seed_loads_the_control_plane_and_rejects_bad_flags(engine):
+    result = tally("seed", "--orgs", "3", "--instances", "6", "--days", "1", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert "organizations=3" in result.stdout and "instances=6" in result.stdout
+    import sqlalchemy as sa
+
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM heartbeats")).scalar() > 1000
+    bad = tally("seed", "--orgs", "5", "--instances", "2")
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "--instances" in bad.stderr
+
+
+def test_demo_end_to_end(tmp_path):
+    """`tally demo` on its own embedded PostgreSQL and sandbox: seeds, runs, reports."""
+    env = {"TALLY_HOME": str(tmp_path / "home"), "DAGSTER_HOME": ""}
+    env_clean = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "BILLING_DATABASE_URL", "DAGSTER_HOME")
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "demo",
+            "--days",
+            "2",
+            "--orgs",
+            "5",
+            "--instances",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**env_clean, "TALLY_HOME": env["TALLY_HOME"]},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("day "))
+    rows = [line.split() for line in lines[header + 1 : header + 3]]
+    assert len(rows) == 2
+    for row in rows:
+        dt.date.fromisoformat(row[0])
+        runtime, billable, pushed = (float(row[i].replace(",", "")) for i in (2, 3, 8))
+        assert 0 < billable <= runtime
+        assert 0 < pushed <= billable
+    assert (tmp_path / "home" / "pg").is_dir()
