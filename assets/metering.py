@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pa_csv
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -479,31 +477,159 @@ def compute_in_org_chunks(
 # I/O: extract from the control plane, write billing tables, the asset
 # ---------------------------------------------------------------------------
 
-HEARTBEAT_CSV_COLUMNS = ["instance_id", "sent_at", "active", "received_at"]
-COPY_READ_BLOCK = 32 << 20
+# Binary COPY row of extract_heartbeats_binary.sql: field count, then (length, value)
+# for code int4, sent_at timestamptz, active int2, received_at timestamptz.
+_BINARY_ROW = np.dtype(
+    [
+        ("fields", ">i2"),
+        ("code_len", ">i4"),
+        ("code", ">i4"),
+        ("sent_len", ">i4"),
+        ("sent", ">i8"),
+        ("active_len", ">i4"),
+        ("active", ">i2"),
+        ("received_len", ">i4"),
+        ("received", ">i8"),
+    ]
+)
+_BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in Unix microseconds
+_PARSE_BLOCK = 8 << 20
+_NAT = np.iinfo(np.int64).min
 
 
-class _CopyStream:
-    """File-like view of a psycopg COPY TO STDOUT so pyarrow parses it as it arrives."""
+@dataclass
+class _HeartbeatColumns:
+    """Compact columns: code (instance row, -1 null/unknown), microsecond stamps
+    (NaT as int64 min), active as 1/0/2 (2 = null)."""
 
-    def __init__(self, copy) -> None:
-        self._chunks = iter(copy)
-        self._buffer = bytearray()
-        self.closed = False
+    code: np.ndarray
+    sent_us: np.ndarray
+    active: np.ndarray
+    received_us: np.ndarray
 
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buffer += chunk
-        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
+    @staticmethod
+    def concat(parts: list["_HeartbeatColumns"]) -> "_HeartbeatColumns":
+        columns = {}
+        for name, dtype in (
+            ("code", np.int32),
+            ("sent_us", np.int64),
+            ("active", np.int8),
+            ("received_us", np.int64),
+        ):
+            columns[name] = (
+                np.concatenate([getattr(part, name) for part in parts])
+                if parts
+                else np.empty(0, dtype)
+            )
+            for part in parts:
+                setattr(part, name, None)  # free as we go: peak is one extra column
+        return _HeartbeatColumns(**columns)
 
-    def close(self) -> None:
-        self.closed = True
+
+def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[_HeartbeatColumns, int]:
+    rows = len(buffer) // _BINARY_ROW.itemsize
+    if final:
+        trailer = bytes(buffer[rows * _BINARY_ROW.itemsize :])
+        if trailer != b"\xff\xff":
+            raise RuntimeError(f"unexpected end of binary COPY stream ({trailer[:8]!r})")
+    block = np.frombuffer(buffer, dtype=_BINARY_ROW, count=rows)
+    if rows and not (
+        (block["fields"] == 4).all()
+        and (block["code_len"] == 4).all()
+        and (block["sent_len"] == 8).all()
+        and (block["active_len"] == 2).all()
+        and (block["received_len"] == 8).all()
+    ):
+        raise RuntimeError("binary COPY rows are not the expected 40-byte layout")
+    columns = _HeartbeatColumns(
+        code=block["code"].astype(np.int32),
+        sent_us=block["sent"].astype(np.int64) + _PG_EPOCH_US,
+        active=block["active"].astype(np.int8),
+        received_us=block["received"].astype(np.int64) + _PG_EPOCH_US,
+    )
+    del block
+    return columns, rows * _BINARY_ROW.itemsize
+
+
+def _copy_window_part(
+    control_engine, codes: pd.DataFrame, part_start: dt.datetime, part_end: dt.datetime
+) -> tuple[_HeartbeatColumns, pd.DataFrame]:
+    """Stream one time slice of the window as binary rows; rows with a null or
+    unknown instance id come back separately as text (usually none)."""
+    params = {"part_start": part_start, "part_end": part_end}
+    parts: list[_HeartbeatColumns] = []
+    with raw_connection(control_engine) as connection, connection.cursor() as cursor:
+        cursor.execute(load_sql("extract_codes_table.sql"))
+        with cursor.copy(load_sql("extract_codes_copy.sql")) as copy:
+            for instance_id, code in codes.itertuples(index=False):
+                copy.write_row((instance_id, code))
+        cursor.execute(load_sql("extract_codes_analyze.sql"))
+        buffer = bytearray()
+        header_done = False
+        with cursor.copy(load_sql("extract_heartbeats_binary.sql"), params) as copy:
+            for chunk in copy:
+                buffer += chunk
+                if not header_done and len(buffer) >= 19:
+                    if bytes(buffer[:11]) != _BINARY_SIGNATURE:
+                        raise RuntimeError("not a PostgreSQL binary COPY stream")
+                    extension = int.from_bytes(buffer[15:19], "big")
+                    del buffer[: 19 + extension]
+                    header_done = True
+                if header_done and len(buffer) >= _PARSE_BLOCK:
+                    block, used = _parse_binary_block(buffer, final=False)
+                    parts.append(block)
+                    del buffer[:used]
+        if header_done:
+            block, used = _parse_binary_block(buffer, final=True)
+            parts.append(block)
+        columns = _HeartbeatColumns.concat(parts)
+        unknown = columns.code < 0
+        text_rows = pd.DataFrame(columns=["instance_id", "sent_at", "active", "received_at"])
+        if unknown.any():
+            stamps = pd.to_datetime(np.unique(columns.sent_us[unknown]), unit="us", utc=True)
+            text_rows = read_frame(
+                connection,
+                "extract_unknown_heartbeats.sql",
+                {**params, "sent_at": list(stamps.to_pydatetime())},
+            )
+            keep = ~unknown
+            columns = _HeartbeatColumns(
+                columns.code[keep],
+                columns.sent_us[keep],
+                columns.active[keep],
+                columns.received_us[keep],
+            )
+    return columns, text_rows
+
+
+def _text_rows_to_columns(
+    rows: pd.DataFrame, category_index: dict[str, int], categories: list[str]
+) -> _HeartbeatColumns:
+    codes = np.empty(len(rows), dtype=np.int32)
+    for position, instance_id in enumerate(rows["instance_id"]):
+        if instance_id is None or (isinstance(instance_id, float) and np.isnan(instance_id)):
+            codes[position] = -1
+            continue
+        code = category_index.get(instance_id)
+        if code is None:
+            code = category_index[instance_id] = len(categories)
+            categories.append(instance_id)
+        codes[position] = code
+
+    def micros(values: pd.Series) -> np.ndarray:
+        stamps = pd.to_datetime(values, utc=True).dt.as_unit("us")
+        result = stamps.to_numpy(dtype="datetime64[us]").view("int64").copy()
+        result[stamps.isna().to_numpy()] = _NAT
+        return result
+
+    active = rows["active"].astype("boolean")
+    return _HeartbeatColumns(
+        code=codes,
+        sent_us=micros(rows["sent_at"]),
+        active=np.where(active.isna(), 2, active.fillna(False).astype(int)).astype(np.int8),
+        received_us=micros(rows["received_at"]),
+    )
 
 
 @dataclass
@@ -516,88 +642,55 @@ class DayExtract:
 def extract_day(
     control_engine, usage_date: dt.date, run_time: dt.datetime, rules: MeteringRules
 ) -> DayExtract:
-    """Instances, throttle settings and the day's heartbeats (streamed COPY → Arrow)."""
-    from resources.db import raw_connection
+    """Instances, throttle settings and the day's heartbeats. The look-back window
+    streams as binary COPY in two time slices on two connections at once (the
+    server formats nothing and both cores work); untrusted rows come as text."""
+    from concurrent.futures import ThreadPoolExecutor
 
     window_start, window_end = rules.lookback_window(usage_date)
     day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
-    params = {
-        "window_start": window_start,
-        "window_end": window_end,
-        "future_after": run_time + dt.timedelta(seconds=rules.future_tolerance_s),
-        "day_start": day_start,
-        "day_end": day_start + dt.timedelta(days=1),
-    }
     with raw_connection(control_engine) as connection:
         instances = read_frame(connection, "extract_instances.sql")
         throttle = read_frame(connection, "extract_throttle.sql")
-        if instances.empty:
-            instances = pd.DataFrame(
-                columns=["instance_id", "org_id", "tier", "status", "stopped_at"]
-            )
-        instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
-        known_ids = instances["instance_id"].astype(str).tolist()
-        category_index = {instance_id: code for code, instance_id in enumerate(known_ids)}
-        categories = list(known_ids)
-        codes, sent, active, received = [], [], [], []
-        with connection.cursor() as cursor:
-            with cursor.copy(load_sql("extract_heartbeats.sql"), params) as copy:
-                reader = pa_csv.open_csv(
-                    _CopyStream(copy),
-                    read_options=pa_csv.ReadOptions(
-                        column_names=HEARTBEAT_CSV_COLUMNS, block_size=COPY_READ_BLOCK
-                    ),
-                    convert_options=pa_csv.ConvertOptions(
-                        column_types={
-                            "instance_id": pa.dictionary(pa.int32(), pa.string()),
-                            "sent_at": pa.timestamp("us", tz="UTC"),
-                            "active": pa.bool_(),
-                            "received_at": pa.timestamp("us", tz="UTC"),
-                        },
-                        true_values=["t"],
-                        false_values=["f"],
-                        strings_can_be_null=True,
-                        quoted_strings_can_be_null=False,
-                    ),
-                )
-                for batch in reader:
-                    ids = batch.column(0)
-                    # Map each block's dictionary onto one global category list.
-                    mapping = np.empty(len(ids.dictionary), dtype=np.int32)
-                    for position, value in enumerate(ids.dictionary.to_pylist()):
-                        code = category_index.get(value)
-                        if code is None:
-                            code = category_index[value] = len(categories)
-                            categories.append(value)
-                        mapping[position] = code
-                    block_codes = ids.indices.fill_null(0).to_numpy(zero_copy_only=False)
-                    null_ids = ids.is_null().to_numpy(zero_copy_only=False)
-                    block_codes = np.where(
-                        null_ids, -1, mapping[np.where(null_ids, 0, block_codes)]
-                    )
-                    codes.append(block_codes.astype(np.int32))
-                    sent.append(batch.column(1))
-                    active.append(batch.column(2))
-                    received.append(batch.column(3))
+        untrusted = read_frame(
+            connection,
+            "extract_untrusted_heartbeats.sql",
+            {
+                "window_start": window_start,
+                "window_end": window_end,
+                "future_after": run_time + dt.timedelta(seconds=rules.future_tolerance_s),
+                "day_start": day_start,
+                "day_end": day_start + dt.timedelta(days=1),
+            },
+        )
+    if instances.empty:
+        instances = pd.DataFrame(columns=["instance_id", "org_id", "tier", "status", "stopped_at"])
+    instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
+    categories = instances["instance_id"].astype(str).tolist()
+    category_index = {instance_id: code for code, instance_id in enumerate(categories)}
+    codes = pd.DataFrame({"instance_id": categories, "code": range(len(categories))})
 
-    def _stamps(parts: list) -> pd.Series:
-        if not parts:
-            return pd.Series([], dtype="datetime64[us, UTC]")
-        return pd.Series(pa.chunked_array(parts).to_pandas())
+    slices = [(window_start, day_start), (day_start, window_end)]
+    with ThreadPoolExecutor(max_workers=len(slices)) as pool:
+        results = list(
+            pool.map(lambda bounds: _copy_window_part(control_engine, codes, *bounds), slices)
+        )
+    parts = [columns for columns, _ in results]
+    for text_rows in [rows for _, rows in results] + [untrusted]:
+        if len(text_rows):
+            parts.append(_text_rows_to_columns(text_rows, category_index, categories))
+    columns = _HeartbeatColumns.concat(parts)
+    del parts, results
 
+    active = pd.arrays.BooleanArray(columns.active == 1, columns.active == 2)
     heartbeats = pd.DataFrame(
         {
             "instance_id": pd.Categorical.from_codes(
-                np.concatenate(codes) if codes else np.empty(0, np.int32),
-                categories=pd.Index(categories, dtype=object),
+                columns.code, categories=pd.Index(categories, dtype=object)
             ),
-            "sent_at": _stamps(sent),
-            "active": (
-                pd.Series(pa.chunked_array(active).to_pandas(), dtype="boolean")
-                if active
-                else pd.Series([], dtype="boolean")
-            ),
-            "received_at": _stamps(received),
+            "sent_at": pd.Series(columns.sent_us.view("M8[us]")).dt.tz_localize("UTC"),
+            "active": pd.Series(active),
+            "received_at": pd.Series(columns.received_us.view("M8[us]")).dt.tz_localize("UTC"),
         }
     )
     return DayExtract(heartbeats, instances, throttle)

@@ -1,0 +1,12 @@
+-- A reconciliation credit proposal; never touches one already applied.
+INSERT INTO billing.credit_proposals
+  (org_id, usage_date, tier, provider, kind, seconds, amount, evidence, customer_id,
+   escalation, systemic)
+VALUES (%(org_id)s, %(usage_date)s, %(tier)s, %(provider)s, %(kind)s, %(seconds)s, %(amount)s,
+        %(evidence)s, %(customer_id)s, %(escalation)s, %(systemic)s)
+ON CONFLICT (org_id, usage_date, tier, kind) DO UPDATE
+SET provider = EXCLUDED.provider, seconds = EXCLUDED.seconds, amount = EXCLUDED.amount,
+    evidence = EXCLUDED.evidence, customer_id = EXCLUDED.customer_id,
+    escalation = EXCLUDED.escalation, systemic = EXCLUDED.systemic, status = 'proposed',
+    updated_at = now()
+WHERE billing.credit_proposals.status IN ('proposed', 'withdrawn')

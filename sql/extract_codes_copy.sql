@@ -1,0 +1,1 @@
+COPY tally_instance_codes (instance_id, code) FROM STDIN

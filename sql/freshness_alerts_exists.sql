@@ -1,0 +1,1 @@
+SELECT to_regclass('billing.freshness_alerts') IS NOT NULL

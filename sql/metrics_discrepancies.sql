@@ -1,0 +1,4 @@
+SELECT kind, count(*) AS discrepancies
+FROM billing.discrepancies
+GROUP BY kind
+ORDER BY kind

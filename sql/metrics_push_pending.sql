@@ -1,0 +1,3 @@
+SELECT count(*) AS pending
+FROM billing.usage_push_ledger
+WHERE status = 'pending'

@@ -1,0 +1,2 @@
+COPY billing.provider_usage (usage_date, org_id, tier, provider, customer_id, seconds, exact)
+FROM STDIN

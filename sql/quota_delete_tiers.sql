@@ -1,0 +1,1 @@
+DELETE FROM billing.quota_usage_tiers WHERE usage_date = %(usage_date)s

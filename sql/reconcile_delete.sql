@@ -1,0 +1,1 @@
+DELETE FROM billing.discrepancies WHERE usage_date = %(usage_date)s
