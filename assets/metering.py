@@ -30,6 +30,7 @@ from pipelines.partitions import daily_partitions, partition_day
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
 
 SECONDS_PER_DAY = 86_400
+_NAT = np.iinfo(np.int64).min  # NaT as int64 microseconds
 
 QUARANTINE_REASONS = (
     "null_instance_id",
@@ -66,15 +67,33 @@ class MeteringRules:
         default_factory=lambda: frozenset({"small", "medium", "large", "gpu"})
     )
 
-    def lookback_window(self, usage_date: dt.date) -> tuple[dt.datetime, dt.datetime]:
-        """Heartbeats needed to compute `usage_date` exactly: the day before (a run
-        crossing midnight keeps its start; exact while every limit ≤ 24 h) up to the
-        first heartbeat that can still extend a session into the day (≤ G after it)."""
+    def lookback_window(
+        self, usage_date: dt.date, longest_limit_s: int | None = None
+    ) -> tuple[dt.datetime, dt.datetime]:
+        """Heartbeats that determine `usage_date` exactly.
+
+        Before midnight: a run or idle stretch alive at midnight matters only through
+        its start, and only while that start is within the longest continuous limit
+        or idle timeout (L) of midnight; a session seen from W onwards starts by
+        W + G at the latest, so W = midnight − (L + G + H) is exact. After the day:
+        the next heartbeat can extend a session into the day only if it is ≤ G later."""
+        longest = longest_limit_s or max(
+            self.default_continuous_limit_s, self.default_idle_timeout_s
+        )
         day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
+        margin = dt.timedelta(seconds=longest + self.max_gap_s + self.heartbeat_interval_s)
         return (
-            day_start - dt.timedelta(days=1),
+            day_start - margin,
             day_start + dt.timedelta(days=1, seconds=self.max_gap_s),
         )
+
+    def longest_limit_s(self, throttle: pd.DataFrame) -> int:
+        """The largest continuous limit or idle timeout any org can have."""
+        candidates = [self.default_continuous_limit_s, self.default_idle_timeout_s]
+        for column in ("continuous_limit_s", "idle_timeout_s"):
+            if len(throttle):
+                candidates.append(int(throttle[column].max()))
+        return max(candidates)
 
 
 @dataclass
@@ -421,8 +440,84 @@ def compute_billed_usage(
     )
 
 
+@dataclass
+class HeartbeatColumns:
+    """Heartbeats as compact columns (≈ 21 bytes a row instead of a DataFrame's
+    objects): `code` indexes `categories` (instance ids; -1 null id), stamps are
+    Unix microseconds (NaT as int64 min), `active` is 1/0/2 (2 = null)."""
+
+    code: np.ndarray
+    sent_us: np.ndarray
+    active: np.ndarray
+    received_us: np.ndarray
+    categories: list[str]
+
+    def __len__(self) -> int:
+        return len(self.code)
+
+    def take(self, rows: np.ndarray) -> "HeartbeatColumns":
+        return HeartbeatColumns(
+            self.code[rows],
+            self.sent_us[rows],
+            self.active[rows],
+            self.received_us[rows],
+            self.categories,
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "instance_id": pd.Categorical.from_codes(
+                    self.code, categories=pd.Index(self.categories, dtype=object)
+                ),
+                "sent_at": pd.Series(self.sent_us.view("M8[us]")).dt.tz_localize("UTC"),
+                "active": pd.Series(pd.arrays.BooleanArray(self.active == 1, self.active == 2)),
+                "received_at": pd.Series(self.received_us.view("M8[us]")).dt.tz_localize("UTC"),
+            }
+        )
+
+    @staticmethod
+    def from_frame(heartbeats: pd.DataFrame) -> "HeartbeatColumns":
+        ids = heartbeats["instance_id"]
+        categorical = ids if isinstance(ids.dtype, pd.CategoricalDtype) else ids.astype("category")
+        active = heartbeats["active"].astype("boolean")
+        return HeartbeatColumns(
+            code=categorical.cat.codes.to_numpy().astype(np.int32),
+            sent_us=_micros(heartbeats["sent_at"]),
+            active=np.where(active.isna(), 2, active.fillna(False).astype(int)).astype(np.int8),
+            received_us=_micros(heartbeats["received_at"]),
+            categories=[str(value) for value in categorical.cat.categories],
+        )
+
+    @staticmethod
+    def concat(parts: list["HeartbeatColumns"], categories: list[str]) -> "HeartbeatColumns":
+        """Concatenate column by column, freeing each part's column as it goes."""
+        columns = {}
+        for name, dtype in (
+            ("code", np.int32),
+            ("sent_us", np.int64),
+            ("active", np.int8),
+            ("received_us", np.int64),
+        ):
+            columns[name] = (
+                np.concatenate([getattr(part, name) for part in parts])
+                if parts
+                else np.empty(0, dtype)
+            )
+            for part in parts:
+                setattr(part, name, None)
+        return HeartbeatColumns(categories=categories, **columns)
+
+
+def _micros(values: pd.Series) -> np.ndarray:
+    stamps = pd.to_datetime(values, utc=True).dt.as_unit("us")
+    result = stamps.to_numpy(dtype="datetime64[us]").view("int64").copy()
+    result[stamps.isna().to_numpy()] = _NAT
+    return result
+
+
 def compute_in_org_chunks(
-    heartbeats: pd.DataFrame,
+    heartbeats: "HeartbeatColumns | pd.DataFrame",
     instances: pd.DataFrame,
     throttle: pd.DataFrame,
     usage_date: dt.date,
@@ -434,26 +529,29 @@ def compute_in_org_chunks(
     heartbeats each, so working memory stays bounded as instances grow. The daily cap
     is per org and an org never spans two groups, so the result is identical. Rows
     with a null or unknown instance go to the first group only."""
-    if len(heartbeats) <= max_rows_per_chunk:
-        return compute_billed_usage(heartbeats, instances, throttle, usage_date, run_time, rules)
-    position = _instance_positions(heartbeats["instance_id"], instances["instance_id"].to_numpy())
+    if isinstance(heartbeats, pd.DataFrame):
+        heartbeats = HeartbeatColumns.from_frame(heartbeats)
+    instance_ids = instances["instance_id"].astype(str).to_numpy(dtype=object)
+    position_of_code = pd.Index(instance_ids).get_indexer(heartbeats.categories)
     org_codes, org_names = pd.factorize(instances["org_id"], sort=True)
+    code = heartbeats.code
+    position = np.where(code >= 0, np.append(position_of_code, -1)[code], -1)
     rows_per_org = np.bincount(org_codes[position[position >= 0]], minlength=len(org_names)).astype(
         np.int64
     )
-    chunk_of_org = np.cumsum(rows_per_org) // max_rows_per_chunk
-    row_chunk = np.where(position >= 0, chunk_of_org[org_codes[np.maximum(position, 0)]], 0)
-    order = np.argsort(row_chunk, kind="stable")
-    boundaries = np.cumsum(np.bincount(row_chunk, minlength=int(chunk_of_org.max()) + 1))
-    instance_chunk = chunk_of_org[org_codes]
+    chunk_of_org = (np.cumsum(rows_per_org) - rows_per_org) // max_rows_per_chunk
+    row_chunk = np.zeros(len(code), dtype=np.int32)
+    known = position >= 0
+    row_chunk[known] = chunk_of_org[org_codes[position[known]]]
+    del position, known
+    instance_chunk = chunk_of_org[org_codes] if len(org_codes) else np.empty(0, np.int64)
+    chunk_count = int(chunk_of_org.max()) + 1 if len(chunk_of_org) else 1
     parts: list[MeteringResult] = []
-    start = 0
-    for chunk, end in enumerate(boundaries):
-        rows = order[start:end]
-        start = end
+    for chunk in range(chunk_count):
+        rows = np.flatnonzero(row_chunk == chunk)
         parts.append(
             compute_billed_usage(
-                heartbeats.iloc[rows].reset_index(drop=True),
+                heartbeats.take(rows).to_frame(),
                 instances[instance_chunk == chunk],
                 throttle,
                 usage_date,
@@ -461,12 +559,14 @@ def compute_in_org_chunks(
                 rules,
             )
         )
+    if len(parts) == 1:
+        return parts[0]
     billed = pd.concat([part.billed for part in parts], ignore_index=True)
+    quarantines = [part.quarantine for part in parts if len(part.quarantine)]
     return MeteringResult(
         billed=billed.sort_values(["org_id", "tier"], kind="stable").reset_index(drop=True),
-        quarantine=pd.concat(
-            [part.quarantine for part in parts if len(part.quarantine)] or [parts[0].quarantine],
-            ignore_index=True,
+        quarantine=(
+            pd.concat(quarantines, ignore_index=True) if quarantines else parts[0].quarantine
         ),
         duplicates_collapsed=sum(part.duplicates_collapsed for part in parts),
         heartbeats_used=sum(part.heartbeats_used for part in parts),
@@ -495,39 +595,9 @@ _BINARY_ROW = np.dtype(
 _BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in Unix microseconds
 _PARSE_BLOCK = 8 << 20
-_NAT = np.iinfo(np.int64).min
 
 
-@dataclass
-class _HeartbeatColumns:
-    """Compact columns: code (instance row, -1 null/unknown), microsecond stamps
-    (NaT as int64 min), active as 1/0/2 (2 = null)."""
-
-    code: np.ndarray
-    sent_us: np.ndarray
-    active: np.ndarray
-    received_us: np.ndarray
-
-    @staticmethod
-    def concat(parts: list["_HeartbeatColumns"]) -> "_HeartbeatColumns":
-        columns = {}
-        for name, dtype in (
-            ("code", np.int32),
-            ("sent_us", np.int64),
-            ("active", np.int8),
-            ("received_us", np.int64),
-        ):
-            columns[name] = (
-                np.concatenate([getattr(part, name) for part in parts])
-                if parts
-                else np.empty(0, dtype)
-            )
-            for part in parts:
-                setattr(part, name, None)  # free as we go: peak is one extra column
-        return _HeartbeatColumns(**columns)
-
-
-def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[_HeartbeatColumns, int]:
+def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[HeartbeatColumns, int]:
     rows = len(buffer) // _BINARY_ROW.itemsize
     if final:
         trailer = bytes(buffer[rows * _BINARY_ROW.itemsize :])
@@ -542,11 +612,12 @@ def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[_HeartbeatColum
         and (block["received_len"] == 8).all()
     ):
         raise RuntimeError("binary COPY rows are not the expected 40-byte layout")
-    columns = _HeartbeatColumns(
+    columns = HeartbeatColumns(
         code=block["code"].astype(np.int32),
         sent_us=block["sent"].astype(np.int64) + _PG_EPOCH_US,
         active=block["active"].astype(np.int8),
         received_us=block["received"].astype(np.int64) + _PG_EPOCH_US,
+        categories=[],
     )
     del block
     return columns, rows * _BINARY_ROW.itemsize
@@ -554,11 +625,11 @@ def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[_HeartbeatColum
 
 def _copy_window_part(
     control_engine, codes: pd.DataFrame, part_start: dt.datetime, part_end: dt.datetime
-) -> tuple[_HeartbeatColumns, pd.DataFrame]:
+) -> tuple[HeartbeatColumns, pd.DataFrame]:
     """Stream one time slice of the window as binary rows; rows with a null or
     unknown instance id come back separately as text (usually none)."""
     params = {"part_start": part_start, "part_end": part_end}
-    parts: list[_HeartbeatColumns] = []
+    parts: list[HeartbeatColumns] = []
     with raw_connection(control_engine) as connection, connection.cursor() as cursor:
         cursor.execute(load_sql("extract_codes_table.sql"))
         with cursor.copy(load_sql("extract_codes_copy.sql")) as copy:
@@ -583,7 +654,7 @@ def _copy_window_part(
         if header_done:
             block, used = _parse_binary_block(buffer, final=True)
             parts.append(block)
-        columns = _HeartbeatColumns.concat(parts)
+        columns = HeartbeatColumns.concat(parts, [])
         unknown = columns.code < 0
         text_rows = pd.DataFrame(columns=["instance_id", "sent_at", "active", "received_at"])
         if unknown.any():
@@ -593,19 +664,13 @@ def _copy_window_part(
                 "extract_unknown_heartbeats.sql",
                 {**params, "sent_at": list(stamps.to_pydatetime())},
             )
-            keep = ~unknown
-            columns = _HeartbeatColumns(
-                columns.code[keep],
-                columns.sent_us[keep],
-                columns.active[keep],
-                columns.received_us[keep],
-            )
+            columns = columns.take(np.flatnonzero(~unknown))
     return columns, text_rows
 
 
 def _text_rows_to_columns(
     rows: pd.DataFrame, category_index: dict[str, int], categories: list[str]
-) -> _HeartbeatColumns:
+) -> HeartbeatColumns:
     codes = np.empty(len(rows), dtype=np.int32)
     for position, instance_id in enumerate(rows["instance_id"]):
         if instance_id is None or (isinstance(instance_id, float) and np.isnan(instance_id)):
@@ -617,24 +682,19 @@ def _text_rows_to_columns(
             categories.append(instance_id)
         codes[position] = code
 
-    def micros(values: pd.Series) -> np.ndarray:
-        stamps = pd.to_datetime(values, utc=True).dt.as_unit("us")
-        result = stamps.to_numpy(dtype="datetime64[us]").view("int64").copy()
-        result[stamps.isna().to_numpy()] = _NAT
-        return result
-
     active = rows["active"].astype("boolean")
-    return _HeartbeatColumns(
+    return HeartbeatColumns(
         code=codes,
-        sent_us=micros(rows["sent_at"]),
+        sent_us=_micros(rows["sent_at"]),
         active=np.where(active.isna(), 2, active.fillna(False).astype(int)).astype(np.int8),
-        received_us=micros(rows["received_at"]),
+        received_us=_micros(rows["received_at"]),
+        categories=[],
     )
 
 
 @dataclass
 class DayExtract:
-    heartbeats: pd.DataFrame
+    heartbeats: HeartbeatColumns
     instances: pd.DataFrame
     throttle: pd.DataFrame
 
@@ -647,11 +707,13 @@ def extract_day(
     server formats nothing and both cores work); untrusted rows come as text."""
     from concurrent.futures import ThreadPoolExecutor
 
-    window_start, window_end = rules.lookback_window(usage_date)
     day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
     with raw_connection(control_engine) as connection:
         instances = read_frame(connection, "extract_instances.sql")
         throttle = read_frame(connection, "extract_throttle.sql")
+        window_start, window_end = rules.lookback_window(
+            usage_date, rules.longest_limit_s(throttle)
+        )
         untrusted = read_frame(
             connection,
             "extract_untrusted_heartbeats.sql",
@@ -670,7 +732,8 @@ def extract_day(
     category_index = {instance_id: code for code, instance_id in enumerate(categories)}
     codes = pd.DataFrame({"instance_id": categories, "code": range(len(categories))})
 
-    slices = [(window_start, day_start), (day_start, window_end)]
+    middle = window_start + (window_end - window_start) / 2
+    slices = [(window_start, middle), (middle, window_end)]
     with ThreadPoolExecutor(max_workers=len(slices)) as pool:
         results = list(
             pool.map(lambda bounds: _copy_window_part(control_engine, codes, *bounds), slices)
@@ -679,20 +742,8 @@ def extract_day(
     for text_rows in [rows for _, rows in results] + [untrusted]:
         if len(text_rows):
             parts.append(_text_rows_to_columns(text_rows, category_index, categories))
-    columns = _HeartbeatColumns.concat(parts)
+    heartbeats = HeartbeatColumns.concat(parts, categories)
     del parts, results
-
-    active = pd.arrays.BooleanArray(columns.active == 1, columns.active == 2)
-    heartbeats = pd.DataFrame(
-        {
-            "instance_id": pd.Categorical.from_codes(
-                columns.code, categories=pd.Index(categories, dtype=object)
-            ),
-            "sent_at": pd.Series(columns.sent_us.view("M8[us]")).dt.tz_localize("UTC"),
-            "active": pd.Series(active),
-            "received_at": pd.Series(columns.received_us.view("M8[us]")).dt.tz_localize("UTC"),
-        }
-    )
     return DayExtract(heartbeats, instances, throttle)
 
 
@@ -797,6 +848,7 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
     rules = MeteringRules()
     extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
     context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
+    extract_sample = extract.heartbeats.take(np.arange(min(len(extract.heartbeats), 50_000)))
     result = compute_in_org_chunks(
         extract.heartbeats, extract.instances, extract.throttle, usage_date, run_time, rules
     )
@@ -813,7 +865,7 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
     ]
     for outcome, name in (
         (
-            validate_extract(extract.heartbeats, extract.instances, rules.known_tiers),
+            validate_extract(extract_sample.to_frame(), extract.instances, rules.known_tiers),
             "great_expectations_extract",
         ),
         (validate_billed(stored, rules.known_tiers), "great_expectations_output"),
