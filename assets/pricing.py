@@ -97,6 +97,9 @@ def pricing_from_mapping(data: dict) -> Pricing:
         raise PricingError(
             f"unknown pricing key {sorted(unknown)[0]!r}; expected tier_rates or plans"
         )
+    for section in ("tier_rates", "plans"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise PricingError(f"{section} must be a mapping, got {type(data[section]).__name__}")
     rates = dict(DEFAULT_TIER_RATES)
     for tier, rate in (data.get("tier_rates") or {}).items():
         rates[str(tier)] = _decimal(rate, f"tier_rates.{tier}")

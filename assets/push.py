@@ -9,6 +9,7 @@ ever goes out; a decrease cancels young Stripe events or becomes a credit propos
 """
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 
 import pandas as pd
@@ -33,7 +34,7 @@ from resources.settings import RunMode
 
 # Stripe accepts cancellations for 24 h; stay clear of the edge.
 CANCEL_WINDOW = dt.timedelta(hours=23, minutes=30)
-SEND_BATCH = 500
+SEND_BATCH = 2000
 ACTIVE = ("pending", "sent")
 
 
@@ -325,6 +326,7 @@ def push_day(
             config_errors += 1
     for provider, client in clients.items():
         mine = [a for a in actions if a.provider == provider]
+        started = time.monotonic()
         try:
             client.ensure_meters({a.tier for a in mine})
             _deliver(
@@ -360,6 +362,7 @@ def push_day(
                 _deliver(connection, client, batch, usage_date, stats, resend=False)
         except ProviderError as error:
             errors.append(str(error))
+        stats[f"{provider}_push_ms"] = int((time.monotonic() - started) * 1000)
         for key, value in client.stats().items():
             stats[f"{provider}_{key}"] = value
     stats["errors"] = errors

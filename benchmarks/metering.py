@@ -28,21 +28,11 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks_common import server_url  # noqa: E402
+
 from resources import db  # noqa: E402
 
 DAY = dt.date(2026, 11, 20)
-
-
-def server_url(explicit: str | None) -> str:
-    if explicit:
-        return db.normalize_url(explicit)
-    try:
-        engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-        return "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    except sa.exc.OperationalError:
-        return db.embedded_database_url()
 
 
 def build(url: str, instances: int, orgs: int) -> None:

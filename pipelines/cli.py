@@ -214,6 +214,153 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- status / metrics
+
+
+def _last_alert() -> tuple[dict | None, str | None]:
+    """The newest freshness alert, or (None, why it could not be read)."""
+    from pipelines.freshness import latest_alert
+    from resources.db import DatabaseUnavailable, billing_url, engine_for, raw_connection
+
+    try:
+        with raw_connection(engine_for(billing_url())) as connection:
+            return latest_alert(connection), None
+    except DatabaseUnavailable as error:
+        return None, str(error)
+    except Exception as error:  # noqa: BLE001 - status must answer even then
+        return None, f"billing.freshness_alerts unreadable: {type(error).__name__}"
+
+
+def _alert_line(alert: dict | None, problem: str | None) -> str:
+    if problem:
+        return f"unknown ({problem})"
+    if not alert:
+        return "none recorded"
+    state = alert["state"].upper()
+    if alert["status"] == "sent":
+        return f"{state} at {alert['sent_at']} via {', '.join(alert['channels'])}"
+    if alert["status"] == "logged":
+        return f"{state} at {alert['sent_at']}, logged only (no SMTP / webhook configured)"
+    if alert["status"] == "superseded":
+        return f"{state} at {alert['detected_at']}, not sent: recovered before delivery"
+    return (
+        f"{state} since {alert['detected_at']}, delivery FAILING after {alert['attempts']} "
+        f"attempt(s): {'; '.join(alert['errors'])}"
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from dagster import DagsterInstance
+
+    from pipelines.freshness import read_freshness
+    from pipelines.local import local_dagster_home
+
+    home = local_dagster_home()
+    with DagsterInstance.get() as instance:
+        freshness, facts = read_freshness(instance, dt.datetime.now(dt.UTC))
+    alert, problem = _last_alert()
+    code = EXIT_FAILED if freshness.stale else EXIT_OK
+    if args.json:
+        document = {
+            **freshness.as_json(),
+            "last_run_id": facts.run_id,
+            "last_run_duration_seconds": facts.duration_seconds,
+            "last_alert": alert,
+            "last_alert_error": problem,
+            "dagster_home": str(home),
+        }
+        print(json.dumps(document, indent=2, default=str))
+        return code
+    last = freshness.as_json()
+    age = ""
+    if freshness.last_success_at:
+        hours = (freshness.checked_at - freshness.last_success_at).total_seconds() / 3600
+        age = f" ({hours:.1f} h ago)"
+    label = "NEVER RUN" if freshness.never_run else freshness.state.upper()
+    print(f"reconciliation: {label}")
+    print(f"  last success:  {last['last_success_at'] or 'never'}{age}")
+    if facts.duration_seconds is not None:
+        print(f"  run duration:  {facts.duration_seconds:.1f} s (run {facts.run_id[:8]})")
+    print(f"  newest day:    {last['newest_day'] or 'none'}")
+    print(f"  due day:       {last['due_day']} (reconciled by 06:00 UTC the day after)")
+    for reason in freshness.reasons:
+        print(f"  stale:         {reason}")
+    print(f"  last alert:    {_alert_line(alert, problem)}")
+    return code
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from pipelines.local import local_dagster_home
+    from resources.db import billing_url, engine_for
+    from resources.metrics import build_registry, exposition, metrics_server
+
+    local_dagster_home()
+    with DagsterInstance.get() as instance:
+        registry = build_registry(instance, lambda: engine_for(billing_url()))
+        if args.once:
+            sys.stdout.write(exposition(registry))
+            return EXIT_OK
+        try:
+            server = metrics_server(registry, args.host, args.port)
+        except OSError as error:
+            raise UsageError(
+                f"cannot listen on {args.host}:{args.port} ({error.strerror}); pick another --port"
+            ) from None
+        print(f"Prometheus metrics on http://{args.host}:{args.port}/metrics", flush=True)
+        with server:
+            server.serve_forever()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- org
+
+
+def cmd_org(args: argparse.Namespace) -> int:
+    from pipelines.org_report import ReportError, run_org_report
+
+    _check_databases()
+    try:
+        return run_org_report(args.org_id, args.month, as_json=args.json)
+    except ReportError as error:
+        raise UsageError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- export
+
+
+def cmd_export_discrepancies(args: argparse.Namespace) -> int:
+    if args.end_date < args.start_date:
+        raise UsageError(f"--end-date {args.end_date} is before --start-date {args.start_date}")
+    _check_databases()
+    from assets.reconcile import export_discrepancies
+    from resources.db import PostgresResource
+
+    to_stdout = args.output == "-"
+    try:
+        stream = sys.stdout if to_stdout else open(args.output, "w", newline="", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(
+            f"cannot write {args.output} ({error.strerror}); choose a writable --output path"
+        ) from None
+    try:
+        count = export_discrepancies(
+            PostgresResource().billing_engine(), args.start_date, args.end_date, stream
+        )
+    finally:
+        if not to_stdout:
+            stream.close()
+    print(
+        f"exported {count} discrepancies ({args.start_date} .. {args.end_date}) "
+        f"to {'stdout' if to_stdout else args.output}",
+        file=sys.stderr if to_stdout else sys.stdout,
+    )
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -256,6 +403,40 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=12111)
     sandbox.set_defaults(handler=cmd_sandbox)
+
+    export = commands.add_parser(
+        "export-discrepancies", help="write the discrepancies of a date range to a CSV file"
+    )
+    export.add_argument("--start-date", type=_date, required=True, metavar="YYYY-MM-DD")
+    export.add_argument("--end-date", type=_date, required=True, metavar="YYYY-MM-DD")
+    export.add_argument(
+        "--output", required=True, metavar="FILE.csv", help="CSV file to write ('-': stdout)"
+    )
+    export.set_defaults(handler=cmd_export_discrepancies)
+
+    status = commands.add_parser(
+        "status", help="last successful reconciliation, stale or fresh (exit 1 when stale)"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    metrics = commands.add_parser("metrics", help="serve the Prometheus metrics")
+    metrics.add_argument("--host", default="127.0.0.1")
+    metrics.add_argument("--port", type=int, default=9464)
+    metrics.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    metrics.set_defaults(handler=cmd_metrics)
+
+    from pipelines.org_report import parse_month
+
+    org = commands.add_parser(
+        "org", help="one org's month: plan, hours, overage, expected charges, alerts"
+    )
+    org.add_argument("org_id", metavar="ORG_ID")
+    org.add_argument(
+        "--month", type=parse_month, metavar="YYYY-MM", help="default: this month (UTC)"
+    )
+    org.add_argument("--json", action="store_true", help="JSON (schema in docs/quota.md)")
+    org.set_defaults(handler=cmd_org)
     return parser
 
 

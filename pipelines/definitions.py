@@ -4,24 +4,32 @@ from __future__ import annotations
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
+import assets.credits
 import assets.metering
 import assets.push
-from pipelines.jobs import daily_billing
+import assets.quota
+import assets.reconcile
+from pipelines.jobs import daily_billing, issue_credits
 from pipelines.schedules import daily_billing_schedule
+from pipelines.sensors import deadmans_switch, reconciliation_freshness
 from resources.db import PostgresResource
+from resources.notify import SmtpResource, WebhookResource
 from resources.providers import ProvidersResource
 from resources.settings import RunMode
 
-STAGE_MODULES = [assets.metering, assets.push]
+STAGE_MODULES = [assets.metering, assets.push, assets.quota, assets.reconcile, assets.credits]
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[daily_billing],
+    jobs=[daily_billing, issue_credits],
     schedules=[daily_billing_schedule],
+    sensors=[reconciliation_freshness, deadmans_switch],
     resources={
         "postgres": PostgresResource(),
         "run_mode": RunMode(),
         "providers": ProvidersResource(),
+        "smtp": SmtpResource(),
+        "webhook": WebhookResource(),
     },
 )

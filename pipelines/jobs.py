@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dagster import AssetSelection, define_asset_job
+from dagster import AssetSelection, define_asset_job, job
+
+from assets.credits import apply_credits
 
 RUN_TIMEOUT_SECONDS = 3600
 
@@ -16,3 +18,14 @@ daily_billing = define_asset_job(
     tags=DAILY_BILLING_TAGS,
     description="Meter, push, read back and reconcile one UTC usage day.",
 )
+
+
+@job(
+    tags={"dagster/max_runtime": str(RUN_TIMEOUT_SECONDS)},
+    description=(
+        "Apply approved credit proposals (config: proposal_ids, approver) at the provider "
+        "and record them in billing.billing_corrections; never twice."
+    ),
+)
+def issue_credits():
+    apply_credits()

@@ -117,3 +117,42 @@ def billed_rows(engine: sa.Engine, day: dt.date) -> list[dict]:
                 {"d": day},
             )
         ]
+
+
+def add_billed(engine: sa.Engine, rows: Iterable[tuple]) -> None:
+    """rows: (org_id, usage_date, tier, billable_seconds) straight into
+    billing.billed_usage (runtime = billable), for the stages after metering."""
+    payload = [
+        {"org": org, "day": day, "tier": tier, "seconds": seconds}
+        for org, day, tier, seconds in rows
+    ]
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO billing.billed_usage (org_id, usage_date, tier, runtime_seconds, "
+                "idle_paused_seconds, over_continuous_seconds, over_daily_seconds, "
+                "billable_seconds) VALUES (:org, :day, :tier, :seconds, 0, 0, 0, :seconds)"
+            ),
+            payload,
+        )
+
+
+def add_counter(engine: sa.Engine, org_id: str, day: dt.date, tier: str, seconds: int, *,
+                updated_at: dt.datetime | None = None) -> None:
+    """A control-plane usage counter (usage_counters) row."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO usage_counters (org_id, usage_date, tier, runtime_seconds, "
+                    "updated_at) VALUES (:org, :day, :tier, :seconds, :updated)"),
+            {"org": org_id, "day": day, "tier": tier, "seconds": seconds,
+             "updated": updated_at or dt.datetime.now(UTC)},
+        )
+
+
+def discrepancy_rows(engine: sa.Engine, day: dt.date) -> list[dict]:
+    """billing.discrepancies of one day, as dicts."""
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(
+            sa.text("SELECT * FROM billing.discrepancies WHERE usage_date = :d "
+                    "ORDER BY kind, org_id, tier NULLS FIRST, instance_id NULLS FIRST"),
+            {"d": day})]

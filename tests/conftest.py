@@ -106,3 +106,52 @@ def providers_env(sandbox_clean, monkeypatch):
     monkeypatch.setenv("POLAR_ACCESS_TOKEN", POLAR_TOKEN)
     monkeypatch.setenv("POLAR_API_BASE", sandbox_clean.base_url)
     return sandbox_clean
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SmtpCapture:
+    """What a loopback aiosmtpd server received: `messages` (parsed, in order) and
+    `envelopes` (aiosmtpd envelopes: mail_from, rcpt_tos, content)."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.envelopes: list = []
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd hook
+        from email import message_from_bytes
+        from email.policy import default
+
+        self.envelopes.append(envelope)
+        self.messages.append(message_from_bytes(envelope.content, policy=default))
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture()
+def smtp_server(monkeypatch: pytest.MonkeyPatch):
+    """A real SMTP server (aiosmtpd) on a free loopback port; SMTP_HOST, SMTP_PORT
+    and EMAIL_FROM_ADDRESS point at it (no SMTP credentials)."""
+    from aiosmtpd.controller import Controller
+
+    capture = SmtpCapture()
+    capture.port = free_port()
+    controller = Controller(capture, hostname=capture.host, port=capture.port)
+    controller.start()
+    monkeypatch.setenv("SMTP_HOST", capture.host)
+    monkeypatch.setenv("SMTP_PORT", str(capture.port))
+    monkeypatch.setenv("EMAIL_FROM_ADDRESS", "tally@example.test")
+    monkeypatch.delenv("SMTP_USERNAME", raising=False)
+    monkeypatch.delenv("SMTP_PASSWORD", raising=False)
+    try:
+        yield capture
+    finally:
+        controller.stop()

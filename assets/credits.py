@@ -1,0 +1,383 @@
+"""Credits for over-charges (DESIGN §4): proposals with amount, evidence and
+escalation level, and the `issue_credits` op that applies approved ones at the
+provider and records them in `billing.billing_corrections`.
+
+Escalation: ≤ $50 a support agent, ≤ $500 a support lead, above that the VP
+Engineering; when the same kind of over-charge hits ≥ 5 orgs on one day it is a
+systemic bug and goes to engineering whatever the amount.
+
+Never twice: a proposal is applied in one transaction holding its row lock
+(`SELECT … FOR UPDATE`); a concurrent run waits, then finds it applied. A crash
+between the provider call and the commit leaves the proposal `proposed`; the re-run
+calls Stripe with the same Idempotency-Key (`tally-credit-{id}`, which replays the
+first answer) after looking for a balance transaction already tagged with the
+proposal id (which covers re-runs after Stripe's 24 h key lifetime).
+"""
+
+import datetime as dt
+from decimal import Decimal
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    OpExecutionContext,
+    Output,
+    asset,
+    op,
+)
+
+from assets.metering import STEP_RETRY
+from assets.pricing import Pricing, current_pricing, to_cents
+from assets.reconcile import LIVE_PROPOSALS, credit_candidates, reconciliation
+from pipelines.partitions import daily_partitions, partition_day
+from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.providers import ProviderError, ProvidersResource
+
+ESCALATION_LEVELS = ("support_agent", "support_lead", "vp_engineering", "engineering")
+SUPPORT_AGENT_LIMIT = Decimal("50")
+SUPPORT_LEAD_LIMIT = Decimal("500")
+SYSTEMIC_ORGS = 5
+RECONCILE_KINDS = ("provider_over", "tier_mismatch")
+PROPOSAL_COLUMNS = [
+    "proposal_id",
+    "org_id",
+    "usage_date",
+    "tier",
+    "provider",
+    "kind",
+    "seconds",
+    "amount",
+    "evidence",
+    "customer_id",
+    "escalation",
+    "systemic",
+    "status",
+]
+
+
+# ---------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------
+
+
+def escalation_level(amount: Decimal, systemic: bool) -> str:
+    if systemic:
+        return "engineering"
+    if amount <= SUPPORT_AGENT_LIMIT:
+        return "support_agent"
+    if amount <= SUPPORT_LEAD_LIMIT:
+        return "support_lead"
+    return "vp_engineering"
+
+
+def plan_proposals(
+    usage_date: dt.date,
+    candidates: pd.DataFrame,
+    existing: pd.DataFrame,
+    orgs: pd.DataFrame,
+    pricing: Pricing | None = None,
+    systemic_orgs: int = SYSTEMIC_ORGS,
+) -> tuple[list[dict], list[dict], list[int]]:
+    """What to write for one day → (upserts of reconciliation proposals, updates of
+    usage_push's push_over_sent proposals still open, proposal ids to withdraw).
+
+    A kind is systemic when it hits `systemic_orgs` or more orgs that day (counting
+    open and applied proposals and the new candidates)."""
+    pricing = pricing or Pricing()
+    existing = existing if not existing.empty else pd.DataFrame(columns=PROPOSAL_COLUMNS)
+    customers = {
+        row.org_id: row.provider_customer_id
+        for row in orgs.itertuples(index=False)
+        if isinstance(row.provider_customer_id, str) and row.provider_customer_id
+    }
+    live = existing[existing["status"].isin(LIVE_PROPOSALS)]
+    orgs_by_kind: dict[str, set[str]] = {}
+    for row in live.itertuples(index=False):
+        if row.kind not in RECONCILE_KINDS:
+            orgs_by_kind.setdefault(row.kind, set()).add(row.org_id)
+    for row in candidates.itertuples(index=False):
+        orgs_by_kind.setdefault(row.kind, set()).add(row.org_id)
+
+    def systemic(kind: str) -> bool:
+        return len(orgs_by_kind.get(kind, ())) >= systemic_orgs
+
+    upserts = []
+    for row in candidates.itertuples(index=False):
+        is_systemic = systemic(row.kind)
+        upserts.append(
+            {
+                "org_id": row.org_id,
+                "usage_date": usage_date,
+                "tier": row.tier,
+                "provider": row.provider,
+                "kind": row.kind,
+                "seconds": int(row.seconds),
+                "amount": row.amount,
+                "evidence": row.evidence
+                + (
+                    f"; systemic: {row.kind} on {len(orgs_by_kind[row.kind])} orgs this day"
+                    if is_systemic
+                    else ""
+                ),
+                "customer_id": customers.get(row.org_id),
+                "escalation": escalation_level(row.amount, is_systemic),
+                "systemic": is_systemic,
+            }
+        )
+    updates = []
+    for row in existing[existing["status"] == "proposed"].itertuples(index=False):
+        if row.kind in RECONCILE_KINDS:
+            continue
+        amount = to_cents(pricing.amount(int(row.seconds), row.tier))
+        is_systemic = systemic(row.kind)
+        updates.append(
+            {
+                "proposal_id": int(row.proposal_id),
+                "amount": amount,
+                "customer_id": customers.get(row.org_id),
+                "escalation": escalation_level(amount, is_systemic),
+                "systemic": is_systemic,
+            }
+        )
+    wanted = {(row.org_id, row.tier, row.kind) for row in candidates.itertuples(index=False)}
+    withdraw = [
+        int(row.proposal_id)
+        for row in existing.itertuples(index=False)
+        if row.kind in RECONCILE_KINDS
+        and row.status == "proposed"
+        and (row.org_id, row.tier, row.kind) not in wanted
+    ]
+    return upserts, updates, withdraw
+
+
+def _proposals_markdown(proposals: pd.DataFrame, limit: int = 20) -> str:
+    if proposals.empty:
+        return "_no credit proposals on this day_"
+    lines = [
+        "| id | org | tier | kind | seconds | amount | escalation | status |",
+        "|---:|---|---|---|---:|---:|---|---|",
+    ]
+    top = proposals.sort_values("amount", ascending=False, key=lambda s: s.fillna(-1)).head(limit)
+    for row in top.itertuples(index=False):
+        amount = "–" if row.amount is None or pd.isna(row.amount) else f"${row.amount}"
+        lines.append(
+            f"| {row.proposal_id} | {row.org_id} | {row.tier} | {row.kind} | "
+            f"{int(row.seconds):,} | {amount} | {row.escalation or '–'} | {row.status} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# I/O
+# ---------------------------------------------------------------------------
+
+
+def _orgs(postgres: PostgresResource) -> pd.DataFrame:
+    with raw_connection(postgres.control_engine()) as connection:
+        orgs = read_frame(connection, "provider_usage_orgs.sql")
+    if orgs.empty:
+        orgs = pd.DataFrame(columns=["org_id", "provider", "provider_customer_id"])
+    return orgs
+
+
+@asset(
+    partitions_def=daily_partitions,
+    group_name="reconcile",
+    deps=[reconciliation],
+    retry_policy=STEP_RETRY,
+    description=(
+        "Credit proposals for the day's over-charges (provider_over, tier_mismatch, and "
+        "usage_push's push_over_sent) with amount, evidence and escalation level; "
+        "applied by the issue_credits job."
+    ),
+)
+def credit_proposals(
+    context: AssetExecutionContext, postgres: PostgresResource
+) -> MaterializeResult:
+    usage_date = partition_day(context.partition_key)
+    params = {"usage_date": usage_date}
+    pricing = current_pricing()
+    orgs = _orgs(postgres)
+    with raw_connection(postgres.billing_engine()) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                load_sql("partition_lock.sql"),
+                {"stage": "credit_proposals", "usage_date": usage_date.isoformat()},
+            )
+        discrepancies = read_frame(connection, "reconcile_read.sql", params)
+        existing = read_frame(connection, "credits_day.sql", params)
+        candidates = credit_candidates(discrepancies, existing, pricing)
+        upserts, updates, withdraw = plan_proposals(usage_date, candidates, existing, orgs, pricing)
+        with connection.cursor() as cursor:
+            if upserts:
+                cursor.executemany(load_sql("credits_upsert.sql"), upserts)
+            if updates:
+                cursor.executemany(load_sql("credits_update.sql"), updates)
+            if withdraw:
+                cursor.executemany(
+                    load_sql("credits_withdraw.sql"), [{"proposal_id": pid} for pid in withdraw]
+                )
+        connection.commit()
+        stored = read_frame(connection, "credits_day.sql", params)
+    if stored.empty:
+        stored = pd.DataFrame(columns=PROPOSAL_COLUMNS)
+    open_ = stored[stored["status"] == "proposed"]
+    total = sum((amount for amount in open_["amount"] if amount is not None), Decimal(0))
+    by_level = open_["escalation"].value_counts().to_dict()
+    metadata = {
+        "usage_date": usage_date.isoformat(),
+        "open_proposals": len(open_),
+        "open_credit_dollars": MetadataValue.float(float(total)),
+        "withdrawn_now": len(withdraw),
+        "applied": int((stored["status"].isin(["applied", "manual"])).sum()),
+        "proposals": MetadataValue.md(_proposals_markdown(stored)),
+    }
+    for level in ESCALATION_LEVELS:
+        metadata[f"open_{level}"] = int(by_level.get(level, 0))
+    return MaterializeResult(metadata=metadata)
+
+
+class IssueCreditsConfig(Config):
+    """Which proposals to apply and who approved them."""
+
+    proposal_ids: list[int]
+    approver: str
+
+
+def _description(proposal) -> str:
+    return (
+        f"tally credit #{proposal['proposal_id']}: {proposal['kind']} {proposal['tier']} "
+        f"on {proposal['usage_date']}. {proposal['evidence']}"
+    )
+
+
+def apply_proposal(
+    connection,
+    providers: ProvidersResource,
+    readers: dict,
+    proposal_id: int,
+    approver: str,
+    customers: dict[str, str],
+) -> tuple[str, str]:
+    """Apply one proposal under its row lock → (outcome, detail). Outcomes: applied,
+    manual, already, skipped. Raises ProviderError (the transaction is rolled back)."""
+    with connection.cursor() as cursor:
+        cursor.execute(load_sql("credits_lock.sql"), {"proposal_id": proposal_id})
+        found = cursor.fetchone()
+        if found is None:
+            connection.rollback()
+            return "skipped", "no such proposal"
+        proposal = dict(zip([column.name for column in cursor.description], found, strict=True))
+    status = proposal["status"]
+    if status in ("applied", "manual"):
+        connection.rollback()
+        return "already", f"already {status}; not applied again"
+    if status != "proposed":
+        connection.rollback()
+        return "skipped", f"status {status}: the over-charge no longer shows in reconciliation"
+    amount = proposal["amount"]
+    if amount is None or amount <= 0:
+        connection.rollback()
+        return "skipped", (
+            f"no amount yet; materialize credit_proposals for {proposal['usage_date']} first"
+        )
+    customer = proposal["customer_id"] or customers.get(proposal["org_id"])
+    if not customer:
+        connection.rollback()
+        return "skipped", "the org has no provider_customer_id to credit"
+    provider = proposal["provider"]
+    reader = readers.get(provider)
+    if reader is None:
+        reader = readers[provider] = providers.reader(provider)
+    cents = int((Decimal(amount) * 100).to_integral_value())
+    result = reader.apply_credit(
+        customer, cents, proposal["currency"] or "usd", _description(proposal), proposal_id
+    )
+    outcome = "applied" if result.method == "stripe_balance_transaction" else "manual"
+    reason = proposal["evidence"]
+    if result.note:
+        reason = f"{reason} [{result.note}]"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            load_sql("credits_insert_correction.sql"),
+            {
+                "proposal_id": proposal_id,
+                "org_id": proposal["org_id"],
+                "usage_date": proposal["usage_date"],
+                "tier": proposal["tier"],
+                "provider": provider,
+                "customer_id": customer,
+                "amount": amount,
+                "currency": proposal["currency"] or "usd",
+                "method": result.method,
+                "provider_reference": result.reference,
+                "reason": reason,
+                "approved_by": approver,
+            },
+        )
+        cursor.execute(
+            load_sql("credits_mark.sql"),
+            {
+                "proposal_id": proposal_id,
+                "status": outcome,
+                "approved_by": approver,
+                "customer_id": customer,
+            },
+        )
+    connection.commit()
+    detail = f"${amount} to {provider} customer {customer}"
+    detail += f" ({result.reference})" if result.reference else f" — {result.note}"
+    return outcome, detail
+
+
+@op(
+    description=(
+        "Apply approved credit proposals at the provider (Stripe: negative customer "
+        "balance transaction; Polar: recorded for manual action) and record them in "
+        "billing.billing_corrections. Never applies a proposal twice."
+    )
+)
+def apply_credits(
+    context: OpExecutionContext,
+    config: IssueCreditsConfig,
+    postgres: PostgresResource,
+    providers: ProvidersResource,
+) -> Output:
+    approver = config.approver.strip()
+    if not approver:
+        raise Failure(description="approver is empty; set the approver's name or e-mail")
+    ids = sorted(set(config.proposal_ids))
+    if not ids:
+        raise Failure(description="proposal_ids is empty; list the proposals to apply")
+    customers = {
+        row.org_id: row.provider_customer_id
+        for row in _orgs(postgres).itertuples(index=False)
+        if isinstance(row.provider_customer_id, str) and row.provider_customer_id
+    }
+    readers: dict = {}
+    outcomes: dict[int, tuple[str, str]] = {}
+    with raw_connection(postgres.billing_engine()) as connection:
+        for proposal_id in ids:
+            try:
+                outcomes[proposal_id] = apply_proposal(
+                    connection, providers, readers, proposal_id, approver, customers
+                )
+            except ProviderError as error:
+                connection.rollback()
+                outcomes[proposal_id] = ("failed", str(error))
+            context.log.info(f"proposal {proposal_id}: {' — '.join(outcomes[proposal_id])}")
+    counts = {
+        name: sum(1 for outcome, _ in outcomes.values() if outcome == name)
+        for name in ("applied", "manual", "already", "skipped", "failed")
+    }
+    table = ["| proposal | outcome | detail |", "|---:|---|---|"]
+    table += [f"| {pid} | {outcome} | {detail} |" for pid, (outcome, detail) in outcomes.items()]
+    metadata = {**counts, "approver": approver, "outcomes": MetadataValue.md("\n".join(table))}
+    if counts["failed"]:
+        failed = [f"#{pid}: {detail}" for pid, (o, detail) in outcomes.items() if o == "failed"]
+        raise Failure(description="; ".join(failed), metadata=metadata)
+    return Output({pid: outcome for pid, (outcome, _) in outcomes.items()}, metadata=metadata)

@@ -1,0 +1,178 @@
+"""Prometheus metrics of DESIGN §9, computed at scrape time (no push, no state to lose).
+
+- billing_reconciliation_last_success_timestamp: epoch seconds of the newest
+  `reconciliation` materialization; 0 when it never succeeded (so
+  `time() - metric > 86400` fires for "never" too).
+- billing_reconciliation_duration_seconds: wall time of the run that produced it.
+- billing_reconciliation_stale: 1 when `tally status` would say stale.
+- billing_reconciliation_discrepancies_total{kind}: rows of billing.discrepancies by
+  kind (a gauge: re-reconciling a day can lower it).
+- tally_usage_push_pending: ledger rows still `pending` (sent, answer unknown).
+- tally_provider_errors_total{provider}: failed provider requests, summed over the
+  `<provider>_errors` metadata of every usage_push materialization.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pipelines.freshness import evaluate_freshness, last_reconciliation
+from resources.db import load_sql, raw_connection
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("stripe", "polar")
+USAGE_PUSH_ASSET = "usage_push"
+_PAGE = 1000
+
+
+class TallyCollector(Collector):
+    """Queries the Dagster instance and the billing database on every scrape.
+
+    Provider errors are summed incrementally: only materializations newer than the
+    last scrape are read (the running sums live in this object)."""
+
+    def __init__(
+        self,
+        instance,
+        billing_engine: Callable[[], object] | None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.instance = instance
+        self.billing_engine = billing_engine
+        self.clock = clock
+        self._errors = dict.fromkeys(PROVIDERS, 0)
+        self._errors_cursor: str | None = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._reconciliation()
+        yield from self._provider_errors()
+        yield from self._billing_database()
+
+    # -- Dagster instance ------------------------------------------------------
+
+    def _reconciliation(self) -> Iterator[Metric]:
+        facts = last_reconciliation(self.instance)
+        freshness = evaluate_freshness(facts.success_at, facts.reconciled_days, self.clock())
+        last = GaugeMetricFamily(
+            "billing_reconciliation_last_success_timestamp",
+            "Unix time of the last successful reconciliation (0: never).",
+        )
+        last.add_metric([], facts.success_at.timestamp() if facts.success_at else 0.0)
+        yield last
+        duration = GaugeMetricFamily(
+            "billing_reconciliation_duration_seconds",
+            "Wall time of the run that produced the last successful reconciliation.",
+        )
+        if facts.duration_seconds is not None:
+            duration.add_metric([], facts.duration_seconds)
+        yield duration
+        stale = GaugeMetricFamily(
+            "billing_reconciliation_stale",
+            "1 when no reconciliation succeeded in 24 h or yesterday is not reconciled "
+            "by 06:00 UTC.",
+        )
+        stale.add_metric([], 1.0 if freshness.stale else 0.0)
+        yield stale
+
+    def _provider_errors(self) -> Iterator[Metric]:
+        from dagster import AssetKey
+
+        with self._lock:
+            while True:
+                page = self.instance.fetch_materializations(
+                    AssetKey(USAGE_PUSH_ASSET),
+                    limit=_PAGE,
+                    cursor=self._errors_cursor,
+                    ascending=True,
+                )
+                for record in page.records:
+                    metadata = (
+                        record.asset_materialization.metadata
+                        if (record.asset_materialization)
+                        else {}
+                    )
+                    for provider in PROVIDERS:
+                        value = metadata.get(f"{provider}_errors")
+                        if value is not None:
+                            self._errors[provider] += int(getattr(value, "value", value) or 0)
+                if page.records:
+                    self._errors_cursor = page.cursor
+                if not page.has_more:
+                    break
+            errors = dict(self._errors)
+        family = CounterMetricFamily(
+            "tally_provider_errors",
+            "Failed provider requests (5xx, timeouts, 429) during usage push.",
+            labels=["provider"],
+        )
+        for provider, count in errors.items():
+            family.add_metric([provider], count)
+        yield family
+
+    # -- billing database --------------------------------------------------------
+
+    def _billing_database(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "tally_usage_push_pending",
+            "Usage push ledger rows still pending (sent, outcome unknown; re-sent next run).",
+        )
+        discrepancies = GaugeMetricFamily(
+            "billing_reconciliation_discrepancies_total",
+            "Discrepancies in billing.discrepancies, by kind.",
+            labels=["kind"],
+        )
+        try:
+            engine = self.billing_engine() if self.billing_engine else None
+            if engine is not None:
+                with raw_connection(engine) as connection, connection.cursor() as cursor:
+
+                    def exists(table: str) -> bool:
+                        cursor.execute(load_sql("metrics_table_exists.sql"), {"table": table})
+                        return bool(cursor.fetchone()[0])
+
+                    count = 0.0
+                    if exists("billing.usage_push_ledger"):  # absent until the first migrate
+                        cursor.execute(load_sql("metrics_push_pending.sql"))
+                        count = float(cursor.fetchone()[0])
+                    pending.add_metric([], count)
+                    if exists("billing.discrepancies"):
+                        cursor.execute(load_sql("metrics_discrepancies.sql"))
+                        for kind, count in cursor.fetchall():
+                            discrepancies.add_metric([kind], float(count))
+        except Exception as error:  # noqa: BLE001 - a scrape must still answer
+            log.error(
+                "billing database metrics unavailable: %s",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
+        yield pending
+        yield discrepancies
+
+
+def build_registry(instance, billing_engine: Callable[[], object] | None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TallyCollector(instance, billing_engine))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def metrics_server(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """A WSGI server answering /metrics (and /) from the registry; call serve_forever()."""
+    return make_server(host, port, make_wsgi_app(registry), handler_class=_QuietHandler)
