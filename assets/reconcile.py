@@ -37,7 +37,12 @@ from assets.pricing import Pricing, PricingError, current_pricing, to_cents
 from assets.push import usage_push
 from pipelines.partitions import daily_partitions, partition_day
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
-from resources.providers import ProviderError, ProvidersResource, RecordedUsage
+from resources.providers import (
+    ProviderConfigError,
+    ProviderError,
+    ProvidersResource,
+    RecordedUsage,
+)
 from resources.settings import RunMode
 
 KINDS = (
@@ -1141,6 +1146,8 @@ def provider_usage(
             report_only=run_mode.report_only,
             log=context.log,
         )
+    except ProviderConfigError as error:  # a missing key: retrying cannot help
+        raise Failure(description=str(error), allow_retries=False) from None
     except ProviderError as error:
         raise Failure(description=str(error)) from None
     with raw_connection(billing_engine) as connection:

@@ -112,7 +112,9 @@ def test_issue_credits_applies_each_proposal_once(engine, providers_env, stripe_
 
     stripe_row, polar_row = corrections(engine)
     assert (stripe_row["proposal_id"], stripe_row["method"]) == (
-        stripe_id, "stripe_balance_transaction")
+        stripe_id,
+        "stripe_balance_transaction",
+    )
     assert stripe_row["provider_reference"] == transactions[0].id
     assert stripe_row["amount"] == Decimal("1.25") and stripe_row["customer_id"] == "cus_over"
     assert stripe_row["approved_by"] == "lead@example.com" and stripe_row["reason"]
@@ -145,13 +147,16 @@ def test_a_crash_after_the_provider_call_is_not_credited_twice(
     assert corrections(engine)[0]["provider_reference"] == first.reference
 
 
-def test_unknown_withdrawn_and_empty_requests(engine, providers_env):
-    over_charged_world(engine, providers_env)
+def test_unknown_proposals_are_skipped_and_an_approver_is_required(engine, providers_env):
+    found = over_charged_world(engine, providers_env)
     result = issue([999_999])
     assert result.output_for_node("apply_credits") == {999_999: "skipped"}
-    failed = issue([1], approver="  ", raise_on_error=False)
+    failed = issue([found["org-over"]["proposal_id"]], approver="  ", raise_on_error=False)
     assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.is_step_failure]
+    assert "approver is empty" in failure.step_failure_data.user_failure_data.description
     assert corrections(engine) == []
+    assert proposals(engine)["org-over"]["status"] == "proposed"
 
 
 def test_usage_push_over_sent_is_priced_and_never_proposed_twice(engine, providers_env):
@@ -171,11 +176,17 @@ def test_usage_push_over_sent_is_priced_and_never_proposed_twice(engine, provide
     run(PIPELINE)
     (row,) = [r for r in discrepancy_rows(engine, DAY) if r["kind"] == "provider_over"]
     assert (row["provider_seconds"], row["billable_seconds"], row["delta_seconds"]) == (
-        3600, 1800, 1800)
+        3600,
+        1800,
+        1800,
+    )
     assert "1800 s proposed by usage_push" in row["detail"]
     (proposal,) = proposals(engine).values()
     assert (proposal["kind"], proposal["seconds"], proposal["amount"]) == (
-        "push_over_sent", 1800, Decimal("1.25"))
+        "push_over_sent",
+        1800,
+        Decimal("1.25"),
+    )
     assert (proposal["escalation"], proposal["customer_id"]) == ("support_agent", "cus_late")
 
 
@@ -203,9 +214,7 @@ def _candidates(orgs, kind="provider_over", amount="60.00"):
 
 
 def test_the_same_kind_on_five_orgs_goes_to_engineering():
-    orgs = pd.DataFrame(
-        {"org_id": [f"o{n}" for n in range(6)], "provider_customer_id": "cus_x"}
-    )
+    orgs = pd.DataFrame({"org_id": [f"o{n}" for n in range(6)], "provider_customer_id": "cus_x"})
     empty = pd.DataFrame()
     upserts, _, _ = plan_proposals(DAY, _candidates(["o0", "o1", "o2", "o3"]), empty, orgs)
     assert {u["escalation"] for u in upserts} == {"support_lead"}
@@ -217,20 +226,77 @@ def test_the_same_kind_on_five_orgs_goes_to_engineering():
 def test_proposals_are_withdrawn_when_the_over_charge_is_gone_and_push_rows_priced():
     existing = pd.DataFrame(
         [
-            [1, "o1", DAY, "gpu", "stripe", "provider_over", 100, Decimal("0.07"), "e", None,
-             "support_agent", False, "proposed"],
-            [2, "o2", DAY, "small", "stripe", "provider_over", 100, Decimal("0.01"), "e", None,
-             "support_agent", False, "applied"],
-            [3, "o3", DAY, "large", "polar", "push_over_sent", 7200, None, "e", None, None,
-             False, "proposed"],
+            [
+                1,
+                "o1",
+                DAY,
+                "gpu",
+                "stripe",
+                "provider_over",
+                100,
+                Decimal("0.07"),
+                "e",
+                None,
+                "support_agent",
+                False,
+                "proposed",
+            ],
+            [
+                2,
+                "o2",
+                DAY,
+                "small",
+                "stripe",
+                "provider_over",
+                100,
+                Decimal("0.01"),
+                "e",
+                None,
+                "support_agent",
+                False,
+                "applied",
+            ],
+            [
+                3,
+                "o3",
+                DAY,
+                "large",
+                "polar",
+                "push_over_sent",
+                7200,
+                None,
+                "e",
+                None,
+                None,
+                False,
+                "proposed",
+            ],
         ],
-        columns=["proposal_id", "org_id", "usage_date", "tier", "provider", "kind", "seconds",
-                 "amount", "evidence", "customer_id", "escalation", "systemic", "status"],
+        columns=[
+            "proposal_id",
+            "org_id",
+            "usage_date",
+            "tier",
+            "provider",
+            "kind",
+            "seconds",
+            "amount",
+            "evidence",
+            "customer_id",
+            "escalation",
+            "systemic",
+            "status",
+        ],
     )
     orgs = pd.DataFrame({"org_id": ["o1", "o2", "o3"], "provider_customer_id": ["a", "b", "c"]})
     upserts, updates, withdraw = plan_proposals(DAY, _candidates([]), existing, orgs)
     assert upserts == [] and withdraw == [1]  # the applied one stays applied
     assert updates == [
-        {"proposal_id": 3, "amount": Decimal("0.40"), "customer_id": "c",
-         "escalation": "support_agent", "systemic": False}
+        {
+            "proposal_id": 3,
+            "amount": Decimal("0.40"),
+            "customer_id": "c",
+            "escalation": "support_agent",
+            "systemic": False,
+        }
     ]

@@ -38,9 +38,12 @@ def test_export_writes_the_range_with_credits(engine, providers_env, tmp_path, c
     code, out, err = tally(
         capsys,
         "export-discrepancies",
-        "--start-date", earlier.isoformat(),
-        "--end-date", DAY.isoformat(),
-        "--output", str(output),
+        "--start-date",
+        earlier.isoformat(),
+        "--end-date",
+        DAY.isoformat(),
+        "--output",
+        str(output),
     )
     assert code == 0, err
     assert f"exported 3 discrepancies ({earlier} .. {DAY})" in out
@@ -53,7 +56,10 @@ def test_export_writes_the_range_with_credits(engine, providers_env, tmp_path, c
     ]
     over = rows[1]
     assert (over["billable_seconds"], over["provider_seconds"], over["delta_seconds"]) == (
-        "1800", "3600", "1800")
+        "1800",
+        "3600",
+        "1800",
+    )
     assert over["dollar_impact"] == "1.25" and over["money_moving"] == "true"
     assert over["credit_amount"] == "1.25" and over["credit_status"] == "proposed"
     assert over["credit_escalation"] == "support_agent" and over["credit_proposal_id"]
@@ -64,8 +70,14 @@ def test_export_writes_the_range_with_credits(engine, providers_env, tmp_path, c
 
     empty = tmp_path / "none.csv"
     code, out, _ = tally(
-        capsys, "export-discrepancies", "--start-date", "2025-01-01", "--end-date", "2025-01-02",
-        "--output", str(empty),
+        capsys,
+        "export-discrepancies",
+        "--start-date",
+        "2025-01-01",
+        "--end-date",
+        "2025-01-02",
+        "--output",
+        str(empty),
     )
     assert code == 0 and "exported 0 discrepancies" in out
     assert empty.read_text().splitlines()[0].startswith("usage_date,kind,org_id,tier")
@@ -74,12 +86,25 @@ def test_export_writes_the_range_with_credits(engine, providers_env, tmp_path, c
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--start-date", "2026-02-30", "--end-date", "2026-03-01", "--output", "x.csv"],
-         "not a date"),
-        (["--start-date", "2026-03-02", "--end-date", "2026-03-01", "--output", "x.csv"],
-         "before --start-date"),
-        (["--start-date", "2026-03-01", "--end-date", "2026-03-01",
-          "--output", "/nonexistent-dir/x.csv"], "cannot write /nonexistent-dir/x.csv"),
+        (
+            ["--start-date", "2026-02-30", "--end-date", "2026-03-01", "--output", "x.csv"],
+            "not a date",
+        ),
+        (
+            ["--start-date", "2026-03-02", "--end-date", "2026-03-01", "--output", "x.csv"],
+            "before --start-date",
+        ),
+        (
+            [
+                "--start-date",
+                "2026-03-01",
+                "--end-date",
+                "2026-03-01",
+                "--output",
+                "/nonexistent-dir/x.csv",
+            ],
+            "cannot write /nonexistent-dir/x.csv",
+        ),
         (["--start-date", "2026-03-01", "--end-date", "2026-03-01"], "--output"),
     ],
 )

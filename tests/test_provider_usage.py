@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 from builders import add_org, discrepancy_rows
-from test_reconcile import DAY, add_at_provider, metadata_of, run, used
+from dagster import materialize
+from test_reconcile import DAY, add_at_provider, metadata_of, resources, run, used
 
 from assets.metering import billed_usage
 from assets.push import usage_push
@@ -58,7 +59,6 @@ def test_polar_calls_stay_far_below_one_per_customer(engine, providers_env):
     ]
 
 
-
 def test_stripe_reads_one_summary_per_customer_and_meter(engine, providers_env):
     for number in range(3):
         add_org(engine, f"org-s{number}", customer=f"cus_s{number}")
@@ -78,7 +78,11 @@ def test_stripe_reads_one_summary_per_customer_and_meter(engine, providers_env):
     assert stored[("org-idle", "gpu")] == (600, True)
     (row,) = discrepancy_rows(engine, DAY)
     assert (row["kind"], row["org_id"], row["tier"], row["delta_seconds"]) == (
-        "provider_over", "org-idle", "gpu", 600)
+        "provider_over",
+        "org-idle",
+        "gpu",
+        600,
+    )
 
 
 @pytest.mark.parametrize("group_size", [1, 3, 100])
@@ -116,3 +120,21 @@ def test_narrow_down_asks_once_when_everything_agrees():
 
     values, exact, unattributed = narrow_down(customers, expected, total_of, 2)
     assert (values, exact, unattributed, calls) == (expected, set(), 0, [None])
+
+
+def test_missing_credentials_fail_the_read_once_naming_the_variable(
+    engine, providers_env, monkeypatch
+):
+    add_org(engine, "org-s", customer="cus_s")
+    monkeypatch.delenv("STRIPE_API_KEY")
+    result = materialize(
+        [provider_usage],
+        partition_key=DAY.isoformat(),
+        resources=resources(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert len(failures) == 1 and not any(e.is_step_up_for_retry for e in result.all_events)
+    description = failures[0].step_failure_data.user_failure_data.description
+    assert description.startswith("stripe: STRIPE_API_KEY is not set")

@@ -58,9 +58,7 @@ def metadata_of(result, node: str) -> dict:
 
 
 def check_of(result, name: str):
-    (evaluation,) = [
-        e for e in result.get_asset_check_evaluations() if e.check_name == name
-    ]
+    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
     return evaluation
 
 
@@ -112,8 +110,17 @@ def test_every_kind_is_found_with_its_seconds_dollars_and_credit(
     engine, providers_env, stripe_client
 ):
     sandbox = providers_env
-    for org in ("org-clean", "org-missing", "org-under", "org-tier", "org-drift",
-                "org-nocounter", "org-plan", "org-stuck", "org-zombie"):
+    for org in (
+        "org-clean",
+        "org-missing",
+        "org-under",
+        "org-tier",
+        "org-drift",
+        "org-nocounter",
+        "org-plan",
+        "org-stuck",
+        "org-zombie",
+    ):
         add_org(engine, org)
     add_org(engine, "org-over", customer="cus_over")
     add_org(engine, "org-pover", provider="polar", customer="ext_pover")
@@ -180,7 +187,10 @@ def test_every_kind_is_found_with_its_seconds_dollars_and_credit(
 
     over = by_kind(rows, "provider_over", "org-over")
     assert (over["billable_seconds"], over["sent_seconds"], over["provider_seconds"]) == (
-        1800, 1800, 3600)
+        1800,
+        1800,
+        3600,
+    )
     assert over["delta_seconds"] == 1800 and over["dollar_impact"] == Decimal("1.25")
     polar_over = by_kind(rows, "provider_over", "org-pover")
     assert polar_over["provider"] == "polar" and polar_over["delta_seconds"] == 600
@@ -227,14 +237,46 @@ def test_every_kind_is_found_with_its_seconds_dollars_and_credit(
             )
         ).all()
     assert [tuple(p) for p in proposals] == [
-        ("org-cap", "small", "provider_over", 1800, Decimal("0.03"), "support_agent",
-         "cus_org-cap", "proposed"),
-        ("org-over", "gpu", "provider_over", 1800, Decimal("1.25"), "support_agent",
-         "cus_over", "proposed"),
-        ("org-pover", "large", "provider_over", 600, Decimal("0.03"), "support_agent",
-         "ext_pover", "proposed"),
-        ("org-tier", "medium", "tier_mismatch", 3600, Decimal("0.05"), "support_agent",
-         "cus_org-tier", "proposed"),
+        (
+            "org-cap",
+            "small",
+            "provider_over",
+            1800,
+            Decimal("0.03"),
+            "support_agent",
+            "cus_org-cap",
+            "proposed",
+        ),
+        (
+            "org-over",
+            "gpu",
+            "provider_over",
+            1800,
+            Decimal("1.25"),
+            "support_agent",
+            "cus_over",
+            "proposed",
+        ),
+        (
+            "org-pover",
+            "large",
+            "provider_over",
+            600,
+            Decimal("0.03"),
+            "support_agent",
+            "ext_pover",
+            "proposed",
+        ),
+        (
+            "org-tier",
+            "medium",
+            "tier_mismatch",
+            3600,
+            Decimal("0.05"),
+            "support_agent",
+            "cus_org-tier",
+            "proposed",
+        ),
     ]
 
     # Reconciling the day again replaces its rows: same result, nothing doubled.
@@ -281,7 +323,9 @@ def test_clean_day_has_no_discrepancy_at_all(engine, providers_env):
             sa.text("SELECT org_id, tier, seconds FROM billing.provider_usage ORDER BY 1, 2")
         ).all()
     assert [tuple(r) for r in stored] == [
-        ("org-p", "large", 5400), ("org-s", "gpu", 2700), ("org-s", "small", 3600)
+        ("org-p", "large", 5400),
+        ("org-s", "gpu", 2700),
+        ("org-s", "small", 3600),
     ]
 
 
@@ -300,8 +344,9 @@ def test_report_only_reports_everything_unpushed_and_explained(engine, providers
     assert check_of(result, "no_unexplained_discrepancies").passed
     # Reads still happen in report-only (they change nothing); meters are not created.
     with engine.connect() as connection:
-        reads = dict(connection.execute(
-            sa.text("SELECT provider, status FROM billing.provider_reads")).all())
+        reads = dict(
+            connection.execute(sa.text("SELECT provider, status FROM billing.provider_reads")).all()
+        )
     assert reads == {"stripe": "read", "polar": "read"}
     assert providers_env.get(f"/_sandbox/usage?date={DAY.isoformat()}").json() == []
 
@@ -351,8 +396,14 @@ def test_explanations_and_applied_credits_clear_the_check(engine, providers_env)
 def test_stale_or_missing_counters_warn(engine, providers_env):
     add_org(engine, "org-a", customer="cus_a")
     used(engine, "org-a", "i-a", "small", 1, 60, counter=False)
-    add_counter(engine, "org-a", DAY - dt.timedelta(days=9), "small", 60,
-                updated_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    add_counter(
+        engine,
+        "org-a",
+        DAY - dt.timedelta(days=9),
+        "small",
+        60,
+        updated_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=3),
+    )
     result = run(PIPELINE)
     check = check_of(result, "usage_counters_fresh")
     assert not check.passed and check.severity == AssetCheckSeverity.WARN

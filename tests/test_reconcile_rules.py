@@ -106,7 +106,11 @@ def test_tier_mismatch_replaces_per_tier_provider_kinds():
     (row,) = credit.itertuples()
     # 3600 s of gpu ($2.50/h) billed instead of small ($0.05/h): $2.45 back
     assert (row.kind, row.tier, row.seconds, row.amount) == (
-        "tier_mismatch", "gpu", 3600, Decimal("2.45"))
+        "tier_mismatch",
+        "gpu",
+        3600,
+        Decimal("2.45"),
+    )
 
 
 def test_pending_rows_and_refusals_are_in_the_unpushed_detail():
@@ -133,8 +137,10 @@ def test_unread_tiers_and_unread_providers_are_not_compared():
     )
     result = compute_discrepancies(
         inputs(
-            orgs=orgs(("o1", "usage-only", "stripe", "cus_1", 86_400),
-                      ("o2", "usage-only", "polar", "ext_2", 86_400)),
+            orgs=orgs(
+                ("o1", "usage-only", "stripe", "cus_1", 86_400),
+                ("o2", "usage-only", "polar", "ext_2", 86_400),
+            ),
             reads=reads,
             billed=billed(("o1", "gpu", 3600, 3600), ("o2", "small", 3600, 3600)),
             ledger=ledger(("o1", "gpu", 3600, 0), ("o2", "small", 3600, 0)),
@@ -166,24 +172,56 @@ def test_stuck_is_measured_until_now_for_today_and_zombies_counted_in_heartbeats
     today = NOW.date()
     instances = frame(
         [
-            ("i-1", "o1", "gpu", "running", dt.datetime(2026, 1, 1, tzinfo=UTC), None,
-             NOW - dt.timedelta(minutes=16)),
-            ("i-2", "o1", "gpu", "running", dt.datetime(2026, 1, 1, tzinfo=UTC), None,
-             NOW - dt.timedelta(minutes=14)),
+            (
+                "i-1",
+                "o1",
+                "gpu",
+                "running",
+                dt.datetime(2026, 1, 1, tzinfo=UTC),
+                None,
+                NOW - dt.timedelta(minutes=16),
+            ),
+            (
+                "i-2",
+                "o1",
+                "gpu",
+                "running",
+                dt.datetime(2026, 1, 1, tzinfo=UTC),
+                None,
+                NOW - dt.timedelta(minutes=14),
+            ),
             ("i-3", "o1", "gpu", "running", NOW + dt.timedelta(hours=1), None, None),
-            ("i-4", "o1", "small", "stopped", dt.datetime(2026, 1, 1, tzinfo=UTC),
-             dt.datetime(2026, 3, 11, 0, 30, tzinfo=UTC), None),
+            (
+                "i-4",
+                "o1",
+                "small",
+                "stopped",
+                dt.datetime(2026, 1, 1, tzinfo=UTC),
+                dt.datetime(2026, 3, 11, 0, 30, tzinfo=UTC),
+                None,
+            ),
         ],
         ["instance_id", "org_id", "tier", "status", "created_at", "stopped_at", "last_heartbeat"],
     )
     zombies = frame(
-        [("i-4", 5, dt.datetime(2026, 3, 11, 0, 31, tzinfo=UTC),
-          dt.datetime(2026, 3, 11, 0, 35, tzinfo=UTC))],
+        [
+            (
+                "i-4",
+                5,
+                dt.datetime(2026, 3, 11, 0, 31, tzinfo=UTC),
+                dt.datetime(2026, 3, 11, 0, 35, tzinfo=UTC),
+            )
+        ],
         ["instance_id", "heartbeats", "first_at", "last_at"],
     )
     result = compute_discrepancies(
-        ReconcileInputs(usage_date=today, now=NOW, instances=instances, zombies=zombies,
-                        orgs=orgs(("o1", "usage-only", "stripe", "cus_1", 86_400)))
+        ReconcileInputs(
+            usage_date=today,
+            now=NOW,
+            instances=instances,
+            zombies=zombies,
+            orgs=orgs(("o1", "usage-only", "stripe", "cus_1", 86_400)),
+        )
     )
     assert kinds(result) == [
         ("stuck_instance", "o1", "gpu", -16 * 60),
