@@ -7,7 +7,12 @@ import os
 
 import sqlalchemy as sa
 
-from pipelines.summary import SUMMARY_HEADER, day_summary_row
+from pipelines.summary import (
+    SUMMARY_HEADER,
+    day_summary_row,
+    discrepancy_report,
+    month_to_date_report,
+)
 from resources.db import embedded_database_url, engine_for, normalize_url
 
 DEMO_DATABASE = "tally_demo"
@@ -21,6 +26,31 @@ def _fresh_demo_database() -> str:
         connection.execute(sa.text(f'CREATE DATABASE "{DEMO_DATABASE}"'))
     url = sa.engine.make_url(embedded_database_url()).set(database=DEMO_DATABASE)
     return normalize_url(url.render_as_string(hide_password=False))
+
+
+def _simulate_double_charge(engine, sandbox, day: dt.date) -> None:
+    """Record two extra hours at the provider for one org, so the reconciliation
+    has an over-charge to find and a credit to propose."""
+    from resources.db import raw_connection, read_frame
+
+    with raw_connection(engine) as connection:
+        target = read_frame(connection, "demo_duplicate_target.sql")
+    if target.empty:
+        return
+    org_id, customer = target.iloc[0]
+    sandbox.post(
+        "/_sandbox/events",
+        json=[
+            {
+                "provider": "stripe",
+                "customer": customer,
+                "tier": "small",
+                "seconds": 7200,
+                "date": day.isoformat(),
+            }
+        ],
+    ).raise_for_status()
+    print(f"simulated a duplicate charge at Stripe: {org_id}, small tier, 2.0 h on {day}")
 
 
 def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
@@ -38,10 +68,10 @@ def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
                 "POLAR_ACCESS_TOKEN": "polar_oat_tally_demo",
             }
         )
-        return _seed_and_run(url, days=days, orgs=orgs, instances=instances, seed=seed)
+        return _seed_and_run(url, sandbox, days=days, orgs=orgs, instances=instances, seed=seed)
 
 
-def _seed_and_run(url: str, *, days: int, orgs: int, instances: int, seed: int) -> int:
+def _seed_and_run(url: str, sandbox, *, days: int, orgs: int, instances: int, seed: int) -> int:
     from pipelines import seed as seeding
     from pipelines.cli import run_days
     from resources.db import create_control_plane
@@ -57,9 +87,18 @@ def _seed_and_run(url: str, *, days: int, orgs: int, instances: int, seed: int) 
         "seeded " + ", ".join(f"{table}={count:,}" for table, count in counts.items()), flush=True
     )
     usage_days = [end_date - dt.timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+    _simulate_double_charge(engine, sandbox, usage_days[len(usage_days) // 2])
     failures = run_days(usage_days, report_only=False, echo=lambda line: print(line, flush=True))
-    print()
+    print("\nDaily summary (hours; recorded = what the provider holds after the push)")
     print(SUMMARY_HEADER)
     for day in usage_days:
         print(day_summary_row(day))
+    print(f"\nDiscrepancies {usage_days[0]} .. {usage_days[-1]} (billing.discrepancies)")
+    print("\n".join(discrepancy_report(usage_days[0], usage_days[-1])))
+    print(f"\nMonth to date as of {usage_days[-1]} (billing.quota_usage)")
+    print("\n".join(month_to_date_report(usage_days[-1])))
+    print(
+        "\nNext: `.venv/bin/tally ui` to browse the runs, checks and finance metadata; "
+        "`.venv/bin/tally status`; `.venv/bin/tally org ORG_ID`."
+    )
     return 1 if failures else 0

@@ -28,16 +28,54 @@ def day_summary_line(usage_date: dt.date) -> str:
 
 
 SUMMARY_HEADER = (
-    "day         orgs   runtime h  billable h    idle h  over-cont h  over-daily h"
-    "  quarantined   pushed h"
+    "day         orgs  runtime h  billable h   idle h  over-cont h  over-daily h"
+    "  quarantined  pushed h  recorded h  discrepancies"
 )
 
 
 def day_summary_row(usage_date: dt.date) -> str:
     s = day_summary(usage_date)
     return (
-        f"{usage_date}  {s['orgs']:>4}  {_hours(s['runtime_seconds']):>10}  "
-        f"{_hours(s['billable_seconds']):>10}  {_hours(s['idle_paused_seconds']):>8}  "
+        f"{usage_date}  {s['orgs']:>4}  {_hours(s['runtime_seconds']):>9}  "
+        f"{_hours(s['billable_seconds']):>10}  {_hours(s['idle_paused_seconds']):>7}  "
         f"{_hours(s['over_continuous_seconds']):>11}  {_hours(s['over_daily_seconds']):>12}  "
-        f"{s['quarantined']:>11}  {_hours(s['pushed_seconds']):>9}"
+        f"{s['quarantined']:>11}  {_hours(s['pushed_seconds']):>8}  "
+        f"{_hours(s['recorded_seconds']):>10}  {s['discrepancies']:>13}"
     )
+
+
+def _rows(sql_name: str, params: dict) -> list[dict]:
+    with raw_connection(engine_for(billing_url())) as connection:
+        cursor = connection.execute(load_sql(sql_name), params)
+        columns = [column.name for column in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+
+def discrepancy_report(start: dt.date, end: dt.date) -> list[str]:
+    rows = _rows("report_discrepancy_kinds.sql", {"start_date": start, "end_date": end})
+    if not rows:
+        return ["no discrepancies"]
+    lines = ["kind                  found  unexplained    hours   dollar impact"]
+    for row in rows:
+        lines.append(
+            f"{row['kind']:<20}  {row['found']:>5}  {row['unexplained']:>11}  "
+            f"{_hours(row['seconds']):>7}  {row['dollars']:>14,.2f}"
+        )
+    return lines
+
+
+def month_to_date_report(as_of: dt.date) -> list[str]:
+    rows = _rows("report_month_to_date.sql", {"usage_date": as_of})
+    lines = [
+        "org        plan              used h  included h  overage h  expected $  "
+        "alerts    proposed credit $"
+    ]
+    for row in rows:
+        flag = " (free-tier overage, not charged)" if row["free_tier_overage"] else ""
+        lines.append(
+            f"{row['org_id']:<9}  {row['plan']:<15}  {_hours(row['billable_seconds']):>8}  "
+            f"{_hours(row['included_seconds']):>10}  {_hours(row['overage_seconds']):>9}  "
+            f"{row['expected_charges']:>10,.2f}  {row['alerts'] or '-':<8}  "
+            f"{row['proposed_credits']:>17,.2f}{flag}"
+        )
+    return lines

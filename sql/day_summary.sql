@@ -8,6 +8,10 @@ SELECT count(DISTINCT org_id) AS orgs,
        (SELECT count(*) FROM billing.quarantine q WHERE q.usage_date = %(usage_date)s)
          AS quarantined,
        (SELECT coalesce(sum(quantity), 0) FROM billing.usage_push_ledger l
-         WHERE l.usage_date = %(usage_date)s AND l.status = 'sent') AS pushed_seconds
+         WHERE l.usage_date = %(usage_date)s AND l.status = 'sent') AS pushed_seconds,
+       (SELECT coalesce(sum(seconds), 0) FROM billing.provider_usage p
+         WHERE p.usage_date = %(usage_date)s) AS recorded_seconds,
+       (SELECT count(*) FROM billing.discrepancies d
+         WHERE d.usage_date = %(usage_date)s) AS discrepancies
 FROM billing.billed_usage
 WHERE usage_date = %(usage_date)s
