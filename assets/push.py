@@ -32,8 +32,9 @@ from resources.providers import (
 )
 from resources.settings import RunMode
 
-# Stripe accepts cancellations for 24 h; stay clear of the edge.
+# Stripe accepts cancellations, and dedupes identifiers, for 24 h; stay clear of the edge.
 CANCEL_WINDOW = dt.timedelta(hours=23, minutes=30)
+DEDUPE_WINDOW = dt.timedelta(hours=23)
 SEND_BATCH = 2000
 ACTIVE = ("pending", "sent")
 
@@ -44,7 +45,9 @@ def identifier_for(org_id: str, usage_date: dt.date, tier: str, seq: int) -> str
 
 @dataclass(frozen=True)
 class PushAction:
-    kind: str  # resend | cancel | send | credit | refuse
+    # resend | verify (a Stripe resend past the dedupe window: ask the provider
+    # first) | cancel | send | credit | refuse
+    kind: str
     org_id: str
     tier: str
     provider: str | None
@@ -90,9 +93,15 @@ def plan_push(
 
         for row in rows:
             if row.status == "pending":
+                # Past Stripe's 24 h identifier dedupe a blind re-send could count twice.
+                stale = (
+                    row.provider == "stripe"
+                    and getattr(row, "created_at", None) is not None
+                    and now - row.created_at >= DEDUPE_WINDOW
+                )
                 resends.append(
                     PushAction(
-                        "resend",
+                        "verify" if stale else "resend",
                         org_id,
                         tier,
                         row.provider,
@@ -266,6 +275,7 @@ def push_day(
                 "identifier",
                 "status",
                 "sent_at",
+                "created_at",
             ]
         )
     connection.commit()
@@ -318,7 +328,9 @@ def push_day(
     connection.commit()
 
     clients = {}
-    for provider in sorted({a.provider for a in actions if a.kind in ("resend", "cancel", "send")}):
+    for provider in sorted(
+        {a.provider for a in actions if a.kind in ("resend", "verify", "cancel", "send")}
+    ):
         try:
             clients[provider] = providers.client(provider)
         except ProviderError as error:
@@ -329,10 +341,18 @@ def push_day(
         started = time.monotonic()
         try:
             client.ensure_meters({a.tier for a in mine})
+            verified_missing = _verify_stale_pending(
+                connection,
+                providers,
+                ledger,
+                [a for a in mine if a.kind == "verify"],
+                usage_date,
+                stats,
+            )
             _deliver(
                 connection,
                 client,
-                [a for a in mine if a.kind == "resend"],
+                [a for a in mine if a.kind == "resend"] + verified_missing,
                 usage_date,
                 stats,
                 resend=True,
@@ -368,6 +388,51 @@ def push_day(
     stats["errors"] = errors
     stats["retryable"] = len(errors) > config_errors
     return stats
+
+
+def _verify_stale_pending(
+    connection,
+    providers: ProvidersResource,
+    ledger: pd.DataFrame,
+    actions: list[PushAction],
+    usage_date: dt.date,
+    stats: dict,
+) -> list[PushAction]:
+    """Pending Stripe rows older than the dedupe window: read what Stripe holds for
+    (customer, tier, day). Rows the recorded total already covers (beyond what the
+    ledger says was sent) were delivered and are marked sent; the rest are returned
+    to be re-sent."""
+    if not actions:
+        return []
+    reader = providers.reader("stripe")
+    resend: list[PushAction] = []
+    updates = []
+    by_key: dict[tuple[str, str], list[PushAction]] = {}
+    for action in actions:
+        by_key.setdefault((action.org_id, action.tier), []).append(action)
+    for (org_id, tier), pending in by_key.items():
+        customer = pending[0].customer_id
+        recorded = reader.recorded_usage(usage_date, [customer], [tier], {}).seconds.get(
+            (customer, tier), 0
+        )
+        rows = ledger[(ledger["org_id"] == org_id) & (ledger["tier"] == tier)]
+        unaccounted = recorded - int(rows.loc[rows["status"] == "sent", "quantity"].sum())
+        for action in sorted(pending, key=lambda a: a.seq):
+            if action.seconds <= unaccounted:
+                unaccounted -= action.seconds
+                updates.append(
+                    _update(
+                        action.identifier,
+                        "sent",
+                        "delivered: verified at Stripe after the dedupe window",
+                    )
+                )
+                stats["verified_delivered"] = stats.get("verified_delivered", 0) + 1
+                stats[f"seconds_{action.provider}"] += action.seconds
+            else:
+                resend.append(action)
+    _mark(connection, updates)
+    return resend
 
 
 def _deliver(

@@ -250,3 +250,45 @@ def test_missing_key_names_the_variable_and_other_provider_still_pushed(
     assert variable in messages["usage_push"]
     pushed = {key[0] for key in sandbox_usage(providers_env)}
     assert pushed == {"stripe", "polar"} - {"stripe" if "STRIPE" in variable else "polar"}
+
+
+def test_pending_row_past_the_dedupe_window_is_verified_not_resent(engine, providers_env):
+    """Pending rows left for two days: Stripe no longer dedupes their identifiers, so
+    a blind re-send would count twice. tally asks Stripe what it holds first."""
+    add_org(engine, "org-s", provider="stripe", customer="cus_STALE1")
+    add_org(engine, "org-t", provider="stripe", customer="cus_STALE2")
+    add_instance(engine, "i-s", "org-s", "small")
+    add_instance(engine, "i-t", "org-t", "large")
+    add_heartbeats(engine, every_minute("i-s", at(DAY, 8), 60))
+    add_heartbeats(engine, every_minute("i-t", at(DAY, 8), 30))
+    run_day()
+    # org-s: delivered, but the answer never reached the ledger (still pending).
+    # org-t: 10 late minutes whose event never reached Stripe (pending, seq 2).
+    add_heartbeats(engine, every_minute("i-t", at(DAY, 8, 30), 10))
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE billing.usage_push_ledger SET status = 'pending', sent_at = NULL "
+                "WHERE org_id = 'org-s'"
+            )
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO billing.usage_push_ledger (org_id, usage_date, tier, seq, provider, "
+                "customer_id, quantity, identifier, status) VALUES ('org-t', :day, 'large', 2, "
+                "'stripe', 'cus_STALE2', 600, :identifier, 'pending')"
+            ),
+            {"day": DAY, "identifier": f"tally:org-t:{DAY.isoformat()}:large:2"},
+        )
+        connection.execute(
+            sa.text("UPDATE billing.usage_push_ledger SET created_at = now() - interval '2 days'")
+        )
+    providers_env.post("/_sandbox/clock", json={"advance_seconds": 2 * 86_400}).raise_for_status()
+    result = run_day()
+    assert sandbox_usage(providers_env) == {
+        ("stripe", "cus_STALE1", "small"): 3600,
+        ("stripe", "cus_STALE2", "large"): 2400,
+    }
+    assert {row[4] for row in ledger(engine)} == {"sent"}
+    metadata = result.asset_materializations_for_node("usage_push")[0].metadata
+    assert metadata["verified_delivered"].value == 1 and metadata["resent"].value == 1
