@@ -34,7 +34,7 @@ from assets.metering import STEP_RETRY
 from assets.pricing import Pricing, current_pricing, to_cents
 from assets.reconcile import LIVE_PROPOSALS, credit_candidates, reconciliation
 from pipelines.partitions import daily_partitions, partition_day
-from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.db import PostgresResource, load_sql, lock_day, raw_connection, read_frame
 from resources.providers import ProviderError, ProvidersResource
 
 ESCALATION_LEVELS = ("support_agent", "support_lead", "vp_engineering", "engineering")
@@ -204,10 +204,7 @@ def credit_proposals(
     orgs = _orgs(postgres)
     with raw_connection(postgres.billing_engine()) as connection:
         with connection.cursor() as cursor:
-            cursor.execute(
-                load_sql("partition_lock.sql"),
-                {"stage": "credit_proposals", "usage_date": usage_date.isoformat()},
-            )
+            lock_day(cursor, "credit_proposals", usage_date)
         discrepancies = read_frame(connection, "reconcile_read.sql", params)
         existing = read_frame(connection, "credits_day.sql", params)
         candidates = credit_candidates(discrepancies, existing, pricing)

@@ -27,7 +27,13 @@ from dagster import (
 )
 
 from pipelines.partitions import daily_partitions, partition_day
-from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.db import (
+    PostgresResource,
+    load_sql,
+    raw_connection,
+    read_frame,
+    replace_day_rows,
+)
 
 SECONDS_PER_DAY = 86_400
 _NAT = np.iinfo(np.int64).min  # NaT as int64 microseconds
@@ -749,22 +755,21 @@ def extract_day(
 
 def write_billed_usage(billing_engine, usage_date: dt.date, result: MeteringResult) -> None:
     """Replace the day's rows in one transaction (a re-run replaces, never adds)."""
-    from resources.db import raw_connection
-
-    params = {"usage_date": usage_date}
+    quarantine_rows = (
+        (usage_date, *(None if pd.isna(value) else value for value in row))
+        for row in result.quarantine.itertuples(index=False)
+    )
     with raw_connection(billing_engine) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            load_sql("partition_lock.sql"),
-            {"stage": "billed_usage", "usage_date": usage_date.isoformat()},
+        replace_day_rows(
+            cursor,
+            "billed_usage",
+            usage_date,
+            deletes=["delete_billed_usage.sql", "delete_quarantine.sql"],
+            copies=[
+                ("copy_billed_usage.sql", result.billed.itertuples(index=False, name=None)),
+                ("copy_quarantine.sql", quarantine_rows),
+            ],
         )
-        cursor.execute(load_sql("delete_billed_usage.sql"), params)
-        cursor.execute(load_sql("delete_quarantine.sql"), params)
-        with cursor.copy(load_sql("copy_billed_usage.sql")) as copy:
-            for row in result.billed.itertuples(index=False):
-                copy.write_row(tuple(row))
-        with cursor.copy(load_sql("copy_quarantine.sql")) as copy:
-            for row in result.quarantine.itertuples(index=False):
-                copy.write_row((usage_date, *(None if pd.isna(v) else v for v in row)))
 
 
 def _markdown_preview(billed: pd.DataFrame, limit: int = 15) -> str:

@@ -99,31 +99,9 @@ def plan_push(
                     and getattr(row, "created_at", None) is not None
                     and now - row.created_at >= DEDUPE_WINDOW
                 )
-                resends.append(
-                    PushAction(
-                        "verify" if stale else "resend",
-                        org_id,
-                        tier,
-                        row.provider,
-                        row.customer_id,
-                        int(row.quantity),
-                        int(row.seq),
-                        row.identifier,
-                    )
-                )
+                resends.append(_from_row("verify" if stale else "resend", row))
             elif row.status == "cancelling":
-                cancels.append(
-                    PushAction(
-                        "cancel",
-                        org_id,
-                        tier,
-                        row.provider,
-                        row.customer_id,
-                        int(row.quantity),
-                        int(row.seq),
-                        row.identifier,
-                    )
-                )
+                cancels.append(_from_row("cancel", row))
         delivered = sum(int(row.quantity) for row in rows if row.status in ACTIVE)
         delta = target - delivered
         if delta == 0:
@@ -148,7 +126,8 @@ def plan_push(
                 )
             )
             continue
-        # Fewer seconds than already sent: never a negative event.
+        # Fewer seconds than already sent: never a negative event. Young Stripe events
+        # are cancelled; what is left beyond the target becomes a credit proposal.
         row_provider = rows[0].provider
         cancellable = [
             row
@@ -159,49 +138,22 @@ def plan_push(
             and not pd.isna(row.sent_at)
             and now - row.sent_at < CANCEL_WINDOW
         ]
+        cancels.extend(_from_row("cancel", row) for row in cancellable)
         kept = delivered - sum(int(row.quantity) for row in cancellable)
-        if kept <= target:
-            for row in cancellable:
-                cancels.append(
-                    PushAction(
-                        "cancel",
-                        org_id,
-                        tier,
-                        row.provider,
-                        row.customer_id,
-                        int(row.quantity),
-                        int(row.seq),
-                        row.identifier,
-                    )
+        if kept < target:
+            sends.append(
+                PushAction(
+                    "send",
+                    org_id,
+                    tier,
+                    row_provider,
+                    customer or rows[0].customer_id,
+                    target - kept,
+                    next_seq,
+                    identifier_for(org_id, usage_date, tier, next_seq),
                 )
-            if target - kept > 0:
-                customer_for_send = customer or rows[0].customer_id
-                sends.append(
-                    PushAction(
-                        "send",
-                        org_id,
-                        tier,
-                        row_provider,
-                        customer_for_send,
-                        target - kept,
-                        next_seq,
-                        identifier_for(org_id, usage_date, tier, next_seq),
-                    )
-                )
-        else:
-            for row in cancellable:
-                cancels.append(
-                    PushAction(
-                        "cancel",
-                        org_id,
-                        tier,
-                        row.provider,
-                        row.customer_id,
-                        int(row.quantity),
-                        int(row.seq),
-                        row.identifier,
-                    )
-                )
+            )
+        elif kept > target:
             others.append(
                 PushAction(
                     "credit",
@@ -214,6 +166,20 @@ def plan_push(
                 )
             )
     return resends + cancels + sends + others
+
+
+def _from_row(kind: str, row) -> PushAction:
+    """An action on an existing ledger row (same identifier, same quantity)."""
+    return PushAction(
+        kind,
+        row.org_id,
+        row.tier,
+        row.provider,
+        row.customer_id,
+        int(row.quantity),
+        int(row.seq),
+        row.identifier,
+    )
 
 
 def _refusal(

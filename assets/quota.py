@@ -51,7 +51,13 @@ from dagster import (
 from assets.metering import STEP_RETRY, billed_usage
 from assets.pricing import SECONDS_PER_HOUR, Plan, Pricing, PricingError, current_pricing, to_cents
 from pipelines.partitions import daily_partitions, partition_day
-from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.db import (
+    PostgresResource,
+    load_sql,
+    raw_connection,
+    read_frame,
+    replace_day_rows,
+)
 from resources.notify import NotifyError, SmtpResource
 from resources.settings import RunMode
 
@@ -429,20 +435,17 @@ def read_month_usage(connection, as_of: dt.date) -> pd.DataFrame:
 
 def write_quota_usage(billing_engine, usage_date: dt.date, result: QuotaResult) -> None:
     """Replace the day's rows in one transaction (a re-run replaces, never adds)."""
-    params = {"usage_date": usage_date}
     with raw_connection(billing_engine) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            load_sql("partition_lock.sql"),
-            {"stage": "quota_usage", "usage_date": usage_date.isoformat()},
+        replace_day_rows(
+            cursor,
+            "quota_usage",
+            usage_date,
+            deletes=["quota_delete_tiers.sql", "quota_delete.sql"],
+            copies=[
+                ("quota_copy.sql", result.orgs.itertuples(index=False, name=None)),
+                ("quota_copy_tiers.sql", result.tiers.itertuples(index=False, name=None)),
+            ],
         )
-        cursor.execute(load_sql("quota_delete_tiers.sql"), params)
-        cursor.execute(load_sql("quota_delete.sql"), params)
-        with cursor.copy(load_sql("quota_copy.sql")) as copy:
-            for row in result.orgs.itertuples(index=False):
-                copy.write_row(tuple(row))
-        with cursor.copy(load_sql("quota_copy_tiers.sql")) as copy:
-            for row in result.tiers.itertuples(index=False):
-                copy.write_row(tuple(row))
 
 
 def _pricing_or_fail() -> Pricing:

@@ -36,7 +36,13 @@ from assets.metering import STEP_RETRY, MeteringRules
 from assets.pricing import Pricing, PricingError, current_pricing, to_cents
 from assets.push import usage_push
 from pipelines.partitions import daily_partitions, partition_day
-from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.db import (
+    PostgresResource,
+    load_sql,
+    raw_connection,
+    read_frame,
+    replace_day_rows,
+)
 from resources.providers import (
     ProviderConfigError,
     ProviderError,
@@ -1087,19 +1093,17 @@ def write_provider_usage(
 ) -> None:
     params = {"usage_date": usage_date}
     with connection.cursor() as cursor:
-        cursor.execute(
-            load_sql("partition_lock.sql"),
-            {"stage": "provider_usage", "usage_date": usage_date.isoformat()},
+        replace_day_rows(
+            cursor,
+            "provider_usage",
+            usage_date,
+            deletes=[
+                "provider_usage_delete.sql",
+                "provider_usage_delete_reads.sql",
+                "provider_usage_delete_plans.sql",
+            ],
+            copies=[("provider_usage_copy.sql", usage.itertuples(index=False, name=None))],
         )
-        for name in (
-            "provider_usage_delete.sql",
-            "provider_usage_delete_reads.sql",
-            "provider_usage_delete_plans.sql",
-        ):
-            cursor.execute(load_sql(name), params)
-        with cursor.copy(load_sql("provider_usage_copy.sql")) as copy:
-            for row in usage.itertuples(index=False):
-                copy.write_row(tuple(row))
         cursor.executemany(
             load_sql("provider_usage_insert_read.sql"), [{**params, **read} for read in reads]
         )
@@ -1216,22 +1220,23 @@ def load_inputs(
 
 
 def write_discrepancies(connection, usage_date: dt.date, discrepancies: pd.DataFrame) -> None:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            load_sql("partition_lock.sql"),
-            {"stage": "reconciliation", "usage_date": usage_date.isoformat()},
+    rows = (
+        tuple(
+            _int(row[column])
+            if column in _INT_COLUMNS
+            else (None if _missing(row[column]) else row[column])
+            for column in DISCREPANCY_COLUMNS
         )
-        cursor.execute(load_sql("reconcile_delete.sql"), {"usage_date": usage_date})
-        with cursor.copy(load_sql("reconcile_copy.sql")) as copy:
-            for row in discrepancies[DISCREPANCY_COLUMNS].to_dict("records"):
-                copy.write_row(
-                    tuple(
-                        _int(row[column])
-                        if column in _INT_COLUMNS
-                        else (None if _missing(row[column]) else row[column])
-                        for column in DISCREPANCY_COLUMNS
-                    )
-                )
+        for row in discrepancies[DISCREPANCY_COLUMNS].to_dict("records")
+    )
+    with connection.cursor() as cursor:
+        replace_day_rows(
+            cursor,
+            "reconciliation",
+            usage_date,
+            deletes=["reconcile_delete.sql"],
+            copies=[("reconcile_copy.sql", rows)],
+        )
 
 
 _INT_COLUMNS = frozenset(

@@ -195,6 +195,26 @@ def read_frame(connection, sql_name: str, params: dict | None = None):
         return pd.DataFrame(cursor.fetchall(), columns=columns)
 
 
+def lock_day(cursor, stage: str, usage_date) -> None:
+    """Per (stage, usage day) transaction lock: concurrent runs of a day queue here."""
+    cursor.execute(
+        load_sql("partition_lock.sql"), {"stage": stage, "usage_date": usage_date.isoformat()}
+    )
+
+
+def replace_day_rows(cursor, stage: str, usage_date, deletes, copies) -> None:
+    """Idempotent per partition: under the day's lock, run each `deletes` statement
+    for the day, then COPY each (sql name, rows) of `copies` — one transaction, so a
+    re-run replaces and never adds."""
+    lock_day(cursor, stage, usage_date)
+    for name in deletes:
+        cursor.execute(load_sql(name), {"usage_date": usage_date})
+    for name, rows in copies:
+        with cursor.copy(load_sql(name)) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
 class PostgresResource(ConfigurableResource):
     """The control-plane database (read) and the billing database (schema `billing`).
 
