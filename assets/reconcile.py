@@ -985,11 +985,10 @@ def _read_provider(
     if not customer_to_org:
         record["status"] = "no_customers"
         return record, [], [], {}
-    if report_only and not providers.configured(provider):
-        record["status"] = "not_configured"
-        record["note"] = "report-only run without credentials: provider not read"
-        if log:
-            log.warning(f"{provider}: no credentials; report-only run skips its reads")
+    if report_only:
+        # `--report-only`: nothing leaves the machine, reads included.
+        record["status"] = "skipped"
+        record["note"] = "report-only run: provider not contacted"
         return record, [], [], {}
     reader = providers.reader(provider)
     recorded: RecordedUsage = reader.recorded_usage(
@@ -997,7 +996,7 @@ def _read_provider(
         list(customer_to_org),
         tiers,
         _expected_by_customer(sent, provider),
-        create_meters=not report_only,
+        create_meters=True,
     )
     plans = reader.plans(customer_to_org)
     calls = int(reader.read_stats()["requests"])
@@ -1008,8 +1007,8 @@ def _read_provider(
     )
     if recorded.unread_tiers:
         record["note"] = (
-            f"no Polar meter for {', '.join(recorded.unread_tiers)} (report-only runs do "
-            "not create meters): those tiers were not compared"
+            f"no Polar meter for {', '.join(recorded.unread_tiers)}: "
+            "those tiers were not compared"
         )
     stats = {
         f"{provider}_calls": calls,

@@ -929,14 +929,6 @@ class ProvidersResource(ConfigurableResource):
             )
         raise ProviderConfigError(provider, "unknown provider; expected 'stripe' or 'polar'")
 
-    def configured(self, provider: str) -> bool:
-        """Whether the provider's key is set (reads in report-only skip it otherwise)."""
-        if provider == "stripe":
-            return bool(self.stripe_api_key or os.environ.get("STRIPE_API_KEY"))
-        if provider == "polar":
-            return bool(self.polar_access_token or os.environ.get("POLAR_ACCESS_TOKEN"))
-        return False
-
     def reader(self, provider: str) -> UsageReader:
         """The provider's reader (reconciliation reads and credits)."""
         client = self.client(provider)

@@ -331,6 +331,7 @@ def test_clean_day_has_no_discrepancy_at_all(engine, providers_env):
 
 def test_report_only_reports_everything_unpushed_and_explained(engine, providers_env):
     clean_world(engine)
+    providers_env.post("/_sandbox/stats/reset").raise_for_status()
     result = run(PIPELINE, report_only=True)
     rows = discrepancy_rows(engine, DAY)
     assert {(r["kind"], r["org_id"], r["tier"]) for r in rows} == {
@@ -342,13 +343,14 @@ def test_report_only_reports_everything_unpushed_and_explained(engine, providers
     gpu = by_kind([r for r in rows if r["tier"] == "gpu"], "unpushed", "org-s")
     assert gpu["delta_seconds"] == -2700 and gpu["dollar_impact"] == Decimal("-1.88")
     assert check_of(result, "no_unexplained_discrepancies").passed
-    # Reads still happen in report-only (they change nothing); meters are not created.
+    # Report-only: nothing leaves the machine, not even a read.
     with engine.connect() as connection:
         reads = dict(
             connection.execute(sa.text("SELECT provider, status FROM billing.provider_reads")).all()
         )
-    assert reads == {"stripe": "read", "polar": "read"}
+    assert reads == {"stripe": "skipped", "polar": "skipped"}
     assert providers_env.get(f"/_sandbox/usage?date={DAY.isoformat()}").json() == []
+    assert providers_env.get("/_sandbox/stats").json()["requests_total"] == 0
 
 
 def test_report_only_without_credentials_skips_the_reads(engine, providers_env, monkeypatch):
@@ -356,7 +358,7 @@ def test_report_only_without_credentials_skips_the_reads(engine, providers_env, 
     monkeypatch.delenv("STRIPE_API_KEY")
     monkeypatch.delenv("POLAR_ACCESS_TOKEN")
     result = run(PIPELINE, report_only=True)
-    assert metadata_of(result, "provider_usage")["stripe_status"] == "not_configured"
+    assert metadata_of(result, "provider_usage")["stripe_status"] == "skipped"
     rows = discrepancy_rows(engine, DAY)
     assert {r["kind"] for r in rows} == {"unpushed"} and len(rows) == 3
 
