@@ -155,3 +155,25 @@ def test_schedule_asks_for_yesterday_at_0200():
     )
     requests = list(schedule.evaluate_tick(context).run_requests)
     assert [request.partition_key for request in requests] == ["2026-11-26"]
+
+
+def test_run_limits_retries_and_timeout_are_configured():
+    """One run per partition (queue tag limit), 1 h timeout, step retries with backoff."""
+    import yaml
+    from dagster import AssetKey, Backoff
+
+    from resources.db import PROJECT_ROOT
+
+    job = defs.resolve_job_def("daily_billing")
+    assert job.tags["dagster/max_runtime"] == "3600"
+    settings = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    limits = settings["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert {
+        "key": "dagster/partition",
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 1,
+    } in limits
+    assert settings["run_monitoring"]["max_runtime_seconds"] == 3600
+    for key in ("billed_usage", "usage_push", "reconciliation", "quota_usage"):
+        policy = defs.resolve_assets_def(AssetKey(key)).op.retry_policy
+        assert policy.max_retries == 3 and policy.backoff == Backoff.EXPONENTIAL, key
