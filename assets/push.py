@@ -220,10 +220,15 @@ def _update(identifier: str, status: str, error: str | None = None) -> dict:
 
 
 def push_day(
-    connection, providers: ProvidersResource, usage_date: dt.date, now: dt.datetime, log=None
+    connection,
+    providers: ProvidersResource,
+    usage_date: dt.date,
+    now: dt.datetime,
+    orgs: pd.DataFrame,
 ) -> dict:
-    """Run the plan for one day on an autocommit-free psycopg connection that holds
-    the day's push lock. Returns counters for metadata."""
+    """Run the plan for one day on a billing-database connection that holds the
+    day's push lock. `orgs` (org_id, provider, provider_customer_id) comes from the
+    control plane, which may be another database. Returns counters for metadata."""
     params = {"usage_date": usage_date}
     targets = read_frame(connection, "push_targets.sql", params)
     if targets.empty:
@@ -244,8 +249,6 @@ def push_day(
                 "created_at",
             ]
         )
-    connection.commit()
-    orgs = read_frame(connection, "push_orgs.sql")
     connection.commit()
     actions = plan_push(usage_date, targets, orgs, ledger, now)
 
@@ -454,14 +457,14 @@ def usage_push(
     if run_mode.report_only:
         context.log.info("report_only: nothing pushed")
         return MaterializeResult(metadata={"report_only": True, "events_sent": 0})
+    with raw_connection(postgres.control_engine()) as connection:
+        orgs = read_frame(connection, "push_orgs.sql")
     with raw_connection(postgres.billing_engine()) as connection:
         lock = {"usage_date": usage_date.isoformat()}
         connection.execute(load_sql("push_lock.sql"), lock)
         connection.commit()
         try:
-            stats = push_day(
-                connection, providers, usage_date, dt.datetime.now(dt.UTC), context.log
-            )
+            stats = push_day(connection, providers, usage_date, dt.datetime.now(dt.UTC), orgs)
         finally:
             connection.rollback()
             connection.execute(load_sql("push_unlock.sql"), lock)

@@ -7,7 +7,7 @@ import os
 
 from dagster import DailyPartitionsDefinition
 
-DEFAULT_FIRST_DAY = "2024-01-01"
+DEFAULT_FIRST_DAY = "2020-01-01"
 
 
 def first_partition_day() -> dt.date:
