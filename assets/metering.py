@@ -74,32 +74,31 @@ class MeteringRules:
     )
 
     def lookback_window(
-        self, usage_date: dt.date, longest_limit_s: int | None = None
+        self, usage_date: dt.date, lookback_span_s: int | None = None
     ) -> tuple[dt.datetime, dt.datetime]:
         """Heartbeats that determine `usage_date` exactly.
 
-        Before midnight: a run or idle stretch alive at midnight matters only through
-        its start, and only while that start is within the longest continuous limit
-        or idle timeout (L) of midnight; a session seen from W onwards starts by
-        W + G at the latest, so W = midnight − (L + G + H) is exact. After the day:
-        the next heartbeat can extend a session into the day only if it is ≤ G later."""
-        longest = longest_limit_s or max(
-            self.default_continuous_limit_s, self.default_idle_timeout_s
-        )
+        Before midnight: a run alive at midnight matters through its start s, and only
+        while s > midnight − L (L its continuous limit). If s is the end of an idle
+        pause, seeing that pause needs the idle stretch from s − T (T the idle timeout)
+        on, and a stretch or session seen from W onwards is seen from W + G at the
+        latest. So W = midnight − (L + T + G + H) is exact, with L + T the largest any
+        org has (`lookback_span_s`). After the day: the next heartbeat can extend a
+        session into the day only if it is at most G later."""
+        span = lookback_span_s or (self.default_continuous_limit_s + self.default_idle_timeout_s)
         day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
-        margin = dt.timedelta(seconds=longest + self.max_gap_s + self.heartbeat_interval_s)
+        margin = dt.timedelta(seconds=span + self.max_gap_s + self.heartbeat_interval_s)
         return (
             day_start - margin,
             day_start + dt.timedelta(days=1, seconds=self.max_gap_s),
         )
 
-    def longest_limit_s(self, throttle: pd.DataFrame) -> int:
-        """The largest continuous limit or idle timeout any org can have."""
-        candidates = [self.default_continuous_limit_s, self.default_idle_timeout_s]
-        for column in ("continuous_limit_s", "idle_timeout_s"):
-            if len(throttle):
-                candidates.append(int(throttle[column].max()))
-        return max(candidates)
+    def lookback_span_s(self, throttle: pd.DataFrame) -> int:
+        """The largest continuous limit + idle timeout of any org (defaults included)."""
+        spans = [self.default_continuous_limit_s + self.default_idle_timeout_s]
+        if len(throttle):
+            spans.append(int((throttle["continuous_limit_s"] + throttle["idle_timeout_s"]).max()))
+        return max(spans)
 
 
 @dataclass
@@ -718,7 +717,7 @@ def extract_day(
         instances = read_frame(connection, "extract_instances.sql")
         throttle = read_frame(connection, "extract_throttle.sql")
         window_start, window_end = rules.lookback_window(
-            usage_date, rules.longest_limit_s(throttle)
+            usage_date, rules.lookback_span_s(throttle)
         )
         untrusted = read_frame(
             connection,

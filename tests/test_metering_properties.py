@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pandas as pd
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 try:
@@ -68,6 +68,7 @@ def worlds(draw) -> dict[str, Any]:
     # Dense worlds: every instance runs near D's midnights or at one shared spot in D,
     # mostly in one session, so runs cross midnight and the daily cap splits seconds.
     dense = draw(st.booleans())
+    lead_in = draw(st.booleans())
     H = draw(st.integers(2, 20))
     G = draw(st.integers(H, 4 * H))
     small_limit = st.integers(0, 12 * H)
@@ -153,6 +154,24 @@ def worlds(draw) -> dict[str, Any]:
                             "received_at": sent + pd.Timedelta(seconds=draw(st.integers(0, 3))),
                         }
                     )
+        if lead_in and draw(st.booleans()):
+            # A session running into D that starts with an idle stretch some way before
+            # midnight: where the look-back window cuts it decides the run's start.
+            t = D0 - draw(st.integers(0, 30 * H))
+            step = draw(st.integers(max(1, H // 2), H))
+            switch = t + draw(st.integers(0, 20 * H))
+            stop_at = D0 + draw(st.integers(0, 5 * H))
+            while t <= stop_at:
+                sent = stamp(t, draw(sub_second))
+                beats.append(
+                    {
+                        "instance_id": iid,
+                        "sent_at": sent,
+                        "active": t >= switch,
+                        "received_at": sent,
+                    }
+                )
+                t += step
         stopped = draw(
             st.none()
             if dense
@@ -302,6 +321,51 @@ def daily_cap_worlds(draw) -> dict[str, Any]:
     }
 
 
+def lead_in_world() -> dict[str, Any]:
+    """Regression (found by hypothesis): H = G = 7, continuous 47, idle 19, L = 0.
+    Heartbeats every 7 s, inactive D-1 23:57:51 .. 23:59:08, active 23:59:15 .. 23:59:57.
+    Full history: idle 23:57:51 -> 23:59:15 (84 > 19) pauses, the run starts at 23:59:15,
+    over the limit from D 00:00:02: day D = 4 s runtime, 2 over_continuous, 2 over_daily.
+    A look-back starting at D - (max(47, 19) + G + H) = 23:58:59 sees the stretch from
+    23:59:01 (14 <= 19, no pause), the run from 23:59:01: all 4 s over_continuous."""
+    sent = [stamp(D0 - 129 + 7 * k) for k in range(19)]
+    heartbeats = pd.DataFrame(
+        {
+            "instance_id": "A",
+            "sent_at": pd.to_datetime(sent, utc=True),
+            "active": [t >= stamp(D0 - 45) for t in sent],
+            "received_at": pd.to_datetime(sent, utc=True),
+        }
+    )
+    instances = pd.DataFrame(
+        {
+            "instance_id": ["A"],
+            "org_id": ["o1"],
+            "tier": ["small"],
+            "status": ["running"],
+            "stopped_at": pd.to_datetime([None], utc=True),
+        }
+    )
+    throttle = pd.DataFrame(
+        columns=["org_id", "continuous_limit_s", "daily_limit_s", "idle_timeout_s"]
+    ).astype("int64")
+    throttle["org_id"] = throttle["org_id"].astype(object)
+    return {
+        "heartbeats": heartbeats,
+        "instances": instances,
+        "throttle": throttle,
+        "run_time": stamp(D1 + 2 * 3600).to_pydatetime(),
+        "rule_fields": {
+            "heartbeat_interval_s": 7,
+            "max_gap_s": 7,
+            "future_tolerance_s": 0,
+            "default_continuous_limit_s": 47,
+            "default_daily_limit_s": 0,
+            "default_idle_timeout_s": 19,
+        },
+    }
+
+
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
@@ -314,7 +378,7 @@ def production_window(world: dict[str, Any]) -> pd.DataFrame:
     fields = world["rule_fields"]
     future_after = to_seconds(world["run_time"]) + fields.get("future_tolerance_s", 300)
     rules = MeteringRules(**fields)
-    start, end = rules.lookback_window(D, rules.longest_limit_s(world["throttle"]))
+    start, end = rules.lookback_window(D, rules.lookback_span_s(world["throttle"]))
     lo, hi = int(start.timestamp()), int(end.timestamp())
 
     def keep(sent: Any) -> bool:
@@ -393,6 +457,7 @@ SETTINGS = settings(
 
 @SETTINGS
 @given(world=worlds())
+@example(world=lead_in_world())
 def test_fast_matches_reference_and_the_production_window(world):
     expected = summary(reference(world))
     full = summary(fast(world))

@@ -739,3 +739,40 @@ def test_identity_with_every_category_at_once(compute):
         ("org-a", "gpu"): (120, 0, 0, 120, 0),
         ("org-a", "small"): (720, 60, 60, 100, 500),
     }
+
+
+# ---------------------------------------------------------------------------
+# 3.4 the production look-back window
+# ---------------------------------------------------------------------------
+
+
+def test_lookback_window_is_exact_with_default_limits():
+    # Default rules (H 60, G 300, continuous 8 h, idle 30 min). The look-back window of
+    # `MeteringRules.lookback_window` must give the same day D as the full history.
+    # Heartbeats every minute: inactive D-1 15:29 .. 16:03, active 16:04 .. D 01:00.
+    # Full history: idle stretch a = 15:29, b = 16:04 (35 min > 30) -> paused
+    # [15:59, 16:04); the run starts at 16:04 -> over the 8 h limit from D 00:04.
+    # Day D: runtime [00:00, 01:01) = 3660, billable [00:00, 00:04) = 240, over 3420.
+    # A window that starts after 15:29 but within 30 min of 16:04 sees no pause, so the
+    # run would start at its first heartbeat and be over the limit before midnight.
+    # (Any window starting at or before D - (8 h + 30 min + G) is exact; D-1 00:00 is.)
+    from assets.metering import MeteringRules, compute_billed_usage
+
+    inactive = pattern("i-1", at("15:29:00", day=-1), "I" * 35)
+    active = every("i-1", at("16:04:00", day=-1), 8 * 60 + 57)
+    heartbeats = heartbeats_frame(inactive + active)
+    assert heartbeats["sent_at"].max() == at("01:00:00")
+    rules = MeteringRules()
+    no_throttle = throttle_frame()
+    expected = {("org-a", "small"): (3660, 0, 3420, 0, 240)}
+
+    full = compute_billed_usage(heartbeats, ONE, no_throttle, D, RUN_TIME, rules)
+    assert billed(full) == expected
+    reference = reference_billed_usage(heartbeats, ONE, no_throttle, D, RUN_TIME, rules)
+    assert billed(reference) == expected
+
+    start, end = rules.lookback_window(D, rules.lookback_span_s(no_throttle))
+    sent = heartbeats["sent_at"]
+    window = heartbeats[(sent >= start) & (sent < end)].reset_index(drop=True)
+    windowed = compute_billed_usage(window, ONE, no_throttle, D, RUN_TIME, rules)
+    assert billed(windowed) == expected
