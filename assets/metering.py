@@ -106,7 +106,6 @@ class MeteringResult:
     billed: pd.DataFrame
     quarantine: pd.DataFrame
     duplicates_collapsed: int
-    heartbeats_used: int = 0
 
 
 # ---------------------------------------------------------------------------
@@ -441,7 +440,6 @@ def compute_billed_usage(
         billed=billed[BILLED_COLUMNS].reset_index(drop=True),
         quarantine=quarantine,
         duplicates_collapsed=duplicates,
-        heartbeats_used=len(clean.sent),
     )
 
 
@@ -574,7 +572,6 @@ def compute_in_org_chunks(
             pd.concat(quarantines, ignore_index=True) if quarantines else parts[0].quarantine
         ),
         duplicates_collapsed=sum(part.duplicates_collapsed for part in parts),
-        heartbeats_used=sum(part.heartbeats_used for part in parts),
     )
 
 
@@ -845,14 +842,16 @@ STEP_RETRY = RetryPolicy(
     description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
 )
 def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
-    from assets.quality import validate_billed, validate_extract
+    from assets.quality import EXTRACT_SAMPLE_ROWS, validate_billed, validate_extract
 
     usage_date = partition_day(context.partition_key)
     run_time = dt.datetime.now(dt.UTC)
     rules = MeteringRules()
     extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
     context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
-    extract_sample = extract.heartbeats.take(np.arange(min(len(extract.heartbeats), 50_000)))
+    extract_sample = extract.heartbeats.take(
+        np.arange(min(len(extract.heartbeats), EXTRACT_SAMPLE_ROWS))
+    )
     result = compute_in_org_chunks(
         extract.heartbeats, extract.instances, extract.throttle, usage_date, run_time, rules
     )

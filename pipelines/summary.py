@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 
-from resources.db import billing_url, engine_for, load_sql, raw_connection
+from resources.db import billing_url, engine_for, raw_connection, read_frame
 
 
 def _hours(seconds: int) -> str:
     return f"{seconds / 3600:,.1f}"
 
 
-def day_summary(usage_date: dt.date) -> dict[str, int]:
+def _rows(sql_name: str, params: dict) -> list[dict]:
     with raw_connection(engine_for(billing_url())) as connection:
-        cursor = connection.execute(load_sql("day_summary.sql"), {"usage_date": usage_date})
-        columns = [column.name for column in cursor.description]
-        return dict(zip(columns, cursor.fetchone(), strict=True))
+        return read_frame(connection, sql_name, params).to_dict("records")
+
+
+def day_summary(usage_date: dt.date) -> dict[str, int]:
+    return _rows("day_summary.sql", {"usage_date": usage_date})[0]
 
 
 def day_summary_line(usage_date: dt.date) -> str:
@@ -42,13 +44,6 @@ def day_summary_row(usage_date: dt.date) -> str:
         f"{s['quarantined']:>11}  {_hours(s['pushed_seconds']):>8}  "
         f"{_hours(s['recorded_seconds']):>10}  {s['discrepancies']:>13}"
     )
-
-
-def _rows(sql_name: str, params: dict) -> list[dict]:
-    with raw_connection(engine_for(billing_url())) as connection:
-        cursor = connection.execute(load_sql(sql_name), params)
-        columns = [column.name for column in cursor.description]
-        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
 
 def discrepancy_report(start: dt.date, end: dt.date) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource
 
 T = TypeVar("T")
 
@@ -936,6 +936,3 @@ class ProvidersResource(ConfigurableResource):
             return StripeReader(client, self.stripe_reads_per_second, self.stripe_read_concurrency)
         assert isinstance(client, PolarProvider)
         return PolarReader(client, self.polar_group_size)
-
-
-__all__ = ["EnvVar", "ProvidersResource"]

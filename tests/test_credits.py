@@ -21,7 +21,7 @@ from test_reconcile import (
     used,
 )
 
-from assets.credits import escalation_level, plan_proposals
+from assets.credits import PROPOSAL_COLUMNS, escalation_level, plan_proposals
 from assets.metering import billed_usage
 from assets.push import usage_push
 from assets.reconcile import reconciliation
@@ -272,21 +272,7 @@ def test_proposals_are_withdrawn_when_the_over_charge_is_gone_and_push_rows_pric
                 "proposed",
             ],
         ],
-        columns=[
-            "proposal_id",
-            "org_id",
-            "usage_date",
-            "tier",
-            "provider",
-            "kind",
-            "seconds",
-            "amount",
-            "evidence",
-            "customer_id",
-            "escalation",
-            "systemic",
-            "status",
-        ],
+        columns=PROPOSAL_COLUMNS,
     )
     orgs = pd.DataFrame({"org_id": ["o1", "o2", "o3"], "provider_customer_id": ["a", "b", "c"]})
     upserts, updates, withdraw = plan_proposals(DAY, _candidates([]), existing, orgs)
