@@ -72,16 +72,13 @@ def _check_databases() -> None:
 def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str], None]) -> int:
     """Materialize `daily_billing` for each day in order, recorded in the Dagster
     instance (visible in the UI). Returns the number of failed days."""
-    from dagster import DagsterInstance
-
     from pipelines.definitions import defs
-    from pipelines.local import local_dagster_home
+    from pipelines.local import open_local_instance
     from pipelines.summary import day_summary_line
 
-    local_dagster_home()
     job = defs.resolve_job_def("daily_billing")
     failures = 0
-    with DagsterInstance.get() as instance:
+    with open_local_instance() as instance:
         for position, day in enumerate(days, start=1):
             started = time.monotonic()
             result = job.execute_in_process(
@@ -252,13 +249,11 @@ def _alert_line(alert: dict | None, problem: str | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from dagster import DagsterInstance
-
     from pipelines.freshness import read_freshness
-    from pipelines.local import local_dagster_home
+    from pipelines.local import local_dagster_home, open_local_instance
 
     home = local_dagster_home()
-    with DagsterInstance.get() as instance:
+    with open_local_instance() as instance:
         freshness, facts = read_freshness(instance, dt.datetime.now(dt.UTC))
     alert, problem = _last_alert()
     code = EXIT_FAILED if freshness.stale else EXIT_OK
@@ -292,14 +287,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from dagster import DagsterInstance
-
-    from pipelines.local import local_dagster_home
+    from pipelines.local import open_local_instance
     from resources.db import billing_url, engine_for
     from resources.metrics import build_registry, exposition, metrics_server
 
-    local_dagster_home()
-    with DagsterInstance.get() as instance:
+    with open_local_instance() as instance:
         registry = build_registry(instance, lambda: engine_for(billing_url()))
         if args.once:
             sys.stdout.write(exposition(registry))
