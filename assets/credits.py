@@ -30,10 +30,10 @@ from dagster import (
     op,
 )
 
-from assets.metering import STEP_RETRY
 from assets.pricing import Pricing, current_pricing, to_cents
-from assets.reconcile import LIVE_PROPOSALS, credit_candidates, reconciliation
+from assets.reconcile import LIVE_PROPOSALS, credit_candidates
 from pipelines.partitions import daily_partitions, partition_day
+from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, lock_day, raw_connection, read_frame
 from resources.providers import ProviderError, ProvidersResource
 
@@ -187,7 +187,7 @@ def _orgs(postgres: PostgresResource) -> pd.DataFrame:
 @asset(
     partitions_def=daily_partitions,
     group_name="reconcile",
-    deps=[reconciliation],
+    deps=["reconciliation"],
     retry_policy=STEP_RETRY,
     description=(
         "Credit proposals for the day's over-charges (provider_over, tier_mismatch, and "

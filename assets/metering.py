@@ -8,7 +8,6 @@ The asset at the bottom wires PostgreSQL to `compute_billed_usage`.
 """
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,15 +17,13 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    Backoff,
-    Jitter,
     MaterializeResult,
     MetadataValue,
-    RetryPolicy,
     asset,
 )
 
 from pipelines.partitions import daily_partitions, partition_day
+from pipelines.retry import STEP_RETRY
 from resources.db import (
     PostgresResource,
     load_sql,
@@ -806,16 +803,6 @@ def billed_usage_checks(
         ),
         "no_negative_seconds": (not negative.any(), {"negative_rows": int(negative.sum())}),
     }
-
-
-# Step retries with exponential backoff and jitter; TALLY_STEP_RETRY_DELAY_S (default
-# 30 s) shortens the first delay for tests and impatient backfills.
-STEP_RETRY = RetryPolicy(
-    max_retries=3,
-    delay=float(os.environ.get("TALLY_STEP_RETRY_DELAY_S", "30")),
-    backoff=Backoff.EXPONENTIAL,
-    jitter=Jitter.PLUS_MINUS,
-)
 
 
 @asset(

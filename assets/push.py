@@ -21,8 +21,8 @@ from dagster import (
     asset,
 )
 
-from assets.metering import STEP_RETRY, billed_usage
 from pipelines.partitions import daily_partitions, partition_day
+from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
 from resources.providers import (
     STRIPE_MAX_EVENT_AGE,
@@ -443,7 +443,7 @@ def _cancel(
 @asset(
     partitions_def=daily_partitions,
     group_name="push",
-    deps=[billed_usage],
+    deps=["billed_usage"],
     retry_policy=STEP_RETRY,
     description="Billable seconds pushed to Stripe / Polar exactly once through the ledger.",
 )

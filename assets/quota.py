@@ -48,9 +48,9 @@ from dagster import (
     asset,
 )
 
-from assets.metering import STEP_RETRY, billed_usage
 from assets.pricing import SECONDS_PER_HOUR, Plan, Pricing, PricingError, current_pricing, to_cents
 from pipelines.partitions import daily_partitions, partition_day
+from pipelines.retry import STEP_RETRY
 from resources.db import (
     PostgresResource,
     load_sql,
@@ -458,7 +458,7 @@ def _pricing_or_fail() -> Pricing:
 @asset(
     partitions_def=daily_partitions,
     group_name="quota",
-    deps=[billed_usage],
+    deps=["billed_usage"],
     retry_policy=STEP_RETRY,
     check_specs=[
         AssetCheckSpec(
@@ -604,7 +604,7 @@ def settle_and_send(
 @asset(
     partitions_def=daily_partitions,
     group_name="quota",
-    deps=[quota_usage],
+    deps=["quota_usage"],
     retry_policy=STEP_RETRY,
     check_specs=[
         AssetCheckSpec(

@@ -32,10 +32,10 @@ from dagster import (
     asset,
 )
 
-from assets.metering import STEP_RETRY, MeteringRules
+from assets.metering import MeteringRules
 from assets.pricing import Pricing, PricingError, current_pricing, to_cents
-from assets.push import usage_push
 from pipelines.partitions import daily_partitions, partition_day
+from pipelines.retry import STEP_RETRY
 from resources.db import (
     PostgresResource,
     load_sql,
@@ -1115,7 +1115,7 @@ def write_provider_usage(
 @asset(
     partitions_def=daily_partitions,
     group_name="reconcile",
-    deps=[usage_push],
+    deps=["usage_push"],
     retry_policy=STEP_RETRY,
     description=(
         "What Stripe and Polar recorded for the day per (org, tier): one event-summaries "
@@ -1255,7 +1255,7 @@ def _png_markdown(png: bytes) -> str:
 @asset(
     partitions_def=daily_partitions,
     group_name="reconcile",
-    deps=[provider_usage],
+    deps=["provider_usage"],
     retry_policy=STEP_RETRY,
     check_specs=[
         AssetCheckSpec(

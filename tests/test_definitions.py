@@ -1,0 +1,95 @@
+"""A snapshot of the whole Dagster graph: a regrouped asset, a lost dependency, a check
+that stops blocking or a schedule that changes its cron fails here first."""
+
+from __future__ import annotations
+
+from dagster import DailyPartitionsDefinition
+
+from pipelines.definitions import defs
+
+ASSETS = {
+    # asset: (group, upstream asset keys)
+    "billed_usage": ("metering", []),
+    "usage_push": ("push", ["billed_usage"]),
+    "provider_usage": ("reconcile", ["usage_push"]),
+    "reconciliation": ("reconcile", ["provider_usage"]),
+    "credit_proposals": ("reconcile", ["reconciliation"]),
+    "quota_usage": ("quota", ["billed_usage"]),
+    "budget_alerts": ("quota", ["quota_usage"]),
+}
+
+CHECKS = {
+    # (asset, check): blocking
+    ("billed_usage", "billable_within_daily_limit"): True,
+    ("billed_usage", "great_expectations_extract"): True,
+    ("billed_usage", "great_expectations_output"): True,
+    ("billed_usage", "no_negative_seconds"): True,
+    ("billed_usage", "no_quarantined_heartbeats"): False,
+    ("billed_usage", "runtime_identity"): True,
+    ("budget_alerts", "no_interrupted_alerts"): False,
+    ("quota_usage", "orgs_have_known_plans"): True,
+    ("reconciliation", "no_unexplained_discrepancies"): False,
+    ("reconciliation", "usage_counters_fresh"): False,
+}
+
+
+def _graph():
+    return defs.resolve_asset_graph()
+
+
+def test_assets_groups_and_dependencies() -> None:
+    graph = _graph()
+    found = {}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        found[key.to_user_string()] = (
+            node.group_name,
+            sorted(parent.to_user_string() for parent in node.parent_keys),
+        )
+    assert found == ASSETS
+
+
+def test_every_asset_is_partitioned_by_utc_day() -> None:
+    graph = _graph()
+    for key in graph.get_all_asset_keys():
+        partitions = graph.get(key).partitions_def
+        assert isinstance(partitions, DailyPartitionsDefinition), key
+        assert partitions.timezone == "UTC"
+        assert partitions.end_offset == 1  # today can be metered on demand
+
+
+def test_checks_and_their_blocking_flags() -> None:
+    graph = _graph()
+    found = {
+        (check.asset_key.to_user_string(), check.name): graph.get_check_spec(check).blocking
+        for check in graph.asset_check_keys
+    }
+    assert found == CHECKS
+
+
+def test_daily_billing_selects_every_stage_but_credits_job() -> None:
+    job = defs.resolve_job_def("daily_billing")
+    assert sorted(job.graph.node_dict) == sorted(ASSETS)
+    assert job.tags["dagster/max_runtime"] == "3600"
+    credits = defs.resolve_job_def("issue_credits")
+    assert sorted(credits.graph.node_dict) == ["apply_credits"]
+
+
+def test_schedule_and_sensors() -> None:
+    schedule = defs.resolve_schedule_def("daily_billing_schedule")
+    assert (schedule.cron_schedule, schedule.execution_timezone, schedule.job_name) == (
+        "0 2 * * *",
+        "UTC",
+        "daily_billing",
+    )
+    assert schedule.default_status.value == "STOPPED"
+    sensors = {sensor.name: sensor.default_status.value for sensor in defs.sensors}
+    assert sensors == {"reconciliation_freshness": "RUNNING", "deadmans_switch": "RUNNING"}
+
+
+def test_every_asset_retries_with_the_shared_policy() -> None:
+    from pipelines.retry import STEP_RETRY
+
+    job = defs.resolve_job_def("daily_billing")
+    for name in ASSETS:
+        assert job.graph.node_dict[name].definition.retry_policy == STEP_RETRY, name
