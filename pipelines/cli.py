@@ -328,7 +328,7 @@ def cmd_export_discrepancies(args: argparse.Namespace) -> int:
     if args.end_date < args.start_date:
         raise UsageError(f"--end-date {args.end_date} is before --start-date {args.start_date}")
     _check_databases()
-    from assets.reconcile import export_discrepancies
+    from pipelines.export import export_discrepancies
     from resources.db import PostgresResource
 
     to_stdout = args.output == "-"
