@@ -15,7 +15,9 @@ proposal id (which covers re-runs after Stripe's 24 h key lifetime).
 """
 
 import datetime as dt
+from collections.abc import Collection, Iterable
 from decimal import Decimal
+from enum import StrEnum
 
 import pandas as pd
 from dagster import (
@@ -30,18 +32,58 @@ from dagster import (
     op,
 )
 
+from assets.discrepancy import DiscrepancyKind, list_dollars, with_columns
+from assets.markdown import markdown_table
 from assets.pricing import Pricing, current_pricing, to_cents
-from assets.reconcile import LIVE_PROPOSALS, credit_candidates
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, lock_day, raw_connection, read_frame
 from resources.providers import ProviderError, ProvidersResource
 
-ESCALATION_LEVELS = ("support_agent", "support_lead", "vp_engineering", "engineering")
+
+class ProposalStatus(StrEnum):
+    """billing.credit_proposals.status (CHECK constraint in migration 0003)."""
+
+    PROPOSED = "proposed"
+    WITHDRAWN = "withdrawn"
+    APPLIED = "applied"
+    MANUAL = "manual"
+
+
+class ProposalKind(StrEnum):
+    """What a proposal hands back: reconciliation's over-charges, and usage_push's
+    seconds delivered past the cancel window (push_over_sent)."""
+
+    PROVIDER_OVER = "provider_over"
+    TIER_MISMATCH = "tier_mismatch"
+    PUSH_OVER_SENT = "push_over_sent"
+
+
+class EscalationLevel(StrEnum):
+    """Who approves (CHECK constraint in migration 0003), per the runbook's path."""
+
+    SUPPORT_AGENT = "support_agent"
+    SUPPORT_LEAD = "support_lead"
+    VP_ENGINEERING = "vp_engineering"
+    ENGINEERING = "engineering"
+
+
+class CorrectionMethod(StrEnum):
+    """billing.billing_corrections.method: how a credit was handed back."""
+
+    STRIPE_BALANCE_TRANSACTION = "stripe_balance_transaction"
+    MANUAL = "manual"
+
+
+ESCALATION_LEVELS = tuple(EscalationLevel)
+# Proposals that already hand an over-charge back (credit applied or recorded), and
+# those still standing (not withdrawn).
+CREDITED = (ProposalStatus.APPLIED, ProposalStatus.MANUAL)
+LIVE_PROPOSALS = (ProposalStatus.PROPOSED, *CREDITED)
 SUPPORT_AGENT_LIMIT = Decimal("50")
 SUPPORT_LEAD_LIMIT = Decimal("500")
 SYSTEMIC_ORGS = 5
-RECONCILE_KINDS = ("provider_over", "tier_mismatch")
+RECONCILE_KINDS = (ProposalKind.PROVIDER_OVER, ProposalKind.TIER_MISMATCH)
 PROPOSAL_COLUMNS = [
     "proposal_id",
     "org_id",
@@ -64,14 +106,100 @@ PROPOSAL_COLUMNS = [
 # ---------------------------------------------------------------------------
 
 
-def escalation_level(amount: Decimal, systemic: bool) -> str:
+def escalation_level(amount: Decimal, systemic: bool) -> EscalationLevel:
     if systemic:
-        return "engineering"
+        return EscalationLevel.ENGINEERING
     if amount <= SUPPORT_AGENT_LIMIT:
-        return "support_agent"
+        return EscalationLevel.SUPPORT_AGENT
     if amount <= SUPPORT_LEAD_LIMIT:
-        return "support_lead"
-    return "vp_engineering"
+        return EscalationLevel.SUPPORT_LEAD
+    return EscalationLevel.VP_ENGINEERING
+
+
+def credited_seconds(
+    credits: pd.DataFrame, kinds: Iterable[str], statuses: Collection[str]
+) -> dict[tuple[str, str], int]:
+    """(org, tier) → seconds of proposals of `kinds` with a status in `statuses`."""
+    chosen = credits[credits["kind"].isin(list(kinds)) & credits["status"].isin(list(statuses))]
+    totals: dict[tuple[str, str], int] = {}
+    for row in chosen.itertuples(index=False):
+        totals[(row.org_id, row.tier)] = totals.get((row.org_id, row.tier), 0) + int(row.seconds)
+    return totals
+
+
+def credit_candidates(
+    discrepancies: pd.DataFrame, proposals: pd.DataFrame, pricing: Pricing | None = None
+) -> pd.DataFrame:
+    """Over-charges to hand back, from the day's discrepancies.
+
+    provider_over: the excess over billable minus what usage_push already proposes
+    for the same (org, tier) (push_over_sent, not withdrawn) — never two credits for
+    the same seconds. tier_mismatch: per org, the net dollars when the wrong tiers
+    cost more. Columns: org_id, tier, provider, kind, seconds, amount (Decimal,
+    cents, half-up once at the end), evidence."""
+    pricing = pricing or Pricing()
+    columns = ["org_id", "tier", "provider", "kind", "seconds", "amount", "evidence"]
+    proposals = with_columns(proposals, "credits")
+    push = credited_seconds(proposals, (ProposalKind.PUSH_OVER_SENT,), LIVE_PROPOSALS)
+    out = []
+    if discrepancies is None or discrepancies.empty:
+        return pd.DataFrame(out, columns=columns)
+    explained = discrepancies["explained"].astype(bool)
+    over = discrepancies[(discrepancies["kind"] == DiscrepancyKind.PROVIDER_OVER) & ~explained]
+    for row in over.itertuples(index=False):
+        already = push.get((row.org_id, row.tier), 0)
+        seconds = int(row.delta_seconds) - already
+        amount = list_dollars(pricing, seconds, row.tier)
+        if seconds <= 0 or amount is None:
+            continue
+        rate = pricing.rate(row.tier)
+        evidence = (
+            f"{row.provider} recorded {int(row.provider_seconds)} s of {row.tier} on "
+            f"{row.usage_date}; billable {int(row.billable_seconds)} s, ledger sent "
+            f"{int(row.sent_seconds)} s; over by {int(row.delta_seconds)} s"
+        )
+        if already:
+            evidence += f", of which {already} s already proposed by usage_push"
+        evidence += f"; credit {seconds} s × ${rate}/h = ${to_cents(amount)}"
+        out.append(
+            [
+                row.org_id,
+                row.tier,
+                row.provider,
+                ProposalKind.PROVIDER_OVER,
+                seconds,
+                amount,
+                evidence,
+            ]
+        )
+    shuffled = discrepancies[(discrepancies["kind"] == DiscrepancyKind.TIER_MISMATCH) & ~explained]
+    for org_id, rows in shuffled.groupby("org_id", sort=True):
+        net = Decimal(0)
+        for row in rows.itertuples(index=False):
+            amount = list_dollars(pricing, int(row.delta_seconds), row.tier)
+            net += amount if amount is not None else Decimal(0)
+        gained = rows[rows["delta_seconds"] > 0]
+        if net <= 0 or gained.empty:
+            continue
+        parts = ", ".join(
+            f"{row.tier} {int(row.provider_seconds)} s recorded / {int(row.sent_seconds)} s sent"
+            for row in rows.itertuples(index=False)
+        )
+        out.append(
+            [
+                org_id,
+                "+".join(sorted(gained["tier"])),
+                rows["provider"].iloc[0],
+                ProposalKind.TIER_MISMATCH,
+                int(gained["delta_seconds"].sum()),
+                net,
+                f"usage recorded under the wrong tier on {rows['usage_date'].iloc[0]}: {parts}; "
+                f"net over-charge at list rates ${to_cents(net)}",
+            ]
+        )
+    frame = pd.DataFrame(out, columns=columns)
+    frame["amount"] = [to_cents(amount) for amount in frame["amount"]]
+    return frame
 
 
 def plan_proposals(
@@ -129,7 +257,7 @@ def plan_proposals(
             }
         )
     updates = []
-    for row in existing[existing["status"] == "proposed"].itertuples(index=False):
+    for row in existing[existing["status"] == ProposalStatus.PROPOSED].itertuples(index=False):
         if row.kind in RECONCILE_KINDS:
             continue
         amount = to_cents(pricing.amount(int(row.seconds), row.tier))
@@ -148,27 +276,33 @@ def plan_proposals(
         int(row.proposal_id)
         for row in existing.itertuples(index=False)
         if row.kind in RECONCILE_KINDS
-        and row.status == "proposed"
+        and row.status == ProposalStatus.PROPOSED
         and (row.org_id, row.tier, row.kind) not in wanted
     ]
     return upserts, updates, withdraw
 
 
 def _proposals_markdown(proposals: pd.DataFrame, limit: int = 20) -> str:
-    if proposals.empty:
-        return "_no credit proposals on this day_"
-    lines = [
-        "| id | org | tier | kind | seconds | amount | escalation | status |",
-        "|---:|---|---|---|---:|---:|---|---|",
-    ]
     top = proposals.sort_values("amount", ascending=False, key=lambda s: s.fillna(-1)).head(limit)
-    for row in top.itertuples(index=False):
-        amount = "–" if row.amount is None or pd.isna(row.amount) else f"${row.amount}"
-        lines.append(
-            f"| {row.proposal_id} | {row.org_id} | {row.tier} | {row.kind} | "
-            f"{int(row.seconds):,} | {amount} | {row.escalation or '–'} | {row.status} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            row.proposal_id,
+            row.org_id,
+            row.tier,
+            row.kind,
+            f"{int(row.seconds):,}",
+            "–" if row.amount is None or pd.isna(row.amount) else f"${row.amount}",
+            row.escalation or "–",
+            row.status,
+        ]
+        for row in top.itertuples(index=False)
+    ]
+    return markdown_table(
+        ["id", "org", "tier", "kind", "seconds", "amount", "escalation", "status"],
+        rows,
+        numeric={"id", "seconds", "amount"},
+        empty="_no credit proposals on this day_",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +356,7 @@ def credit_proposals(
         stored = read_frame(connection, "credits_day.sql", params)
     if stored.empty:
         stored = pd.DataFrame(columns=PROPOSAL_COLUMNS)
-    open_ = stored[stored["status"] == "proposed"]
+    open_ = stored[stored["status"] == ProposalStatus.PROPOSED]
     total = sum((amount for amount in open_["amount"] if amount is not None), Decimal(0))
     by_level = open_["escalation"].value_counts().to_dict()
     metadata = {
@@ -230,7 +364,7 @@ def credit_proposals(
         "open_proposals": len(open_),
         "open_credit_dollars": MetadataValue.float(float(total)),
         "withdrawn_now": len(withdraw),
-        "applied": int((stored["status"].isin(["applied", "manual"])).sum()),
+        "applied": int((stored["status"].isin(list(CREDITED))).sum()),
         "proposals": MetadataValue.md(_proposals_markdown(stored)),
     }
     for level in ESCALATION_LEVELS:
@@ -371,9 +505,12 @@ def apply_credits(
         name: sum(1 for outcome, _ in outcomes.values() if outcome == name)
         for name in ("applied", "manual", "already", "skipped", "failed")
     }
-    table = ["| proposal | outcome | detail |", "|---:|---|---|"]
-    table += [f"| {pid} | {outcome} | {detail} |" for pid, (outcome, detail) in outcomes.items()]
-    metadata = {**counts, "approver": approver, "outcomes": MetadataValue.md("\n".join(table))}
+    table = markdown_table(
+        ["proposal", "outcome", "detail"],
+        [(pid, outcome, detail) for pid, (outcome, detail) in outcomes.items()],
+        numeric={"proposal"},
+    )
+    metadata = {**counts, "approver": approver, "outcomes": MetadataValue.md(table)}
     if counts["failed"]:
         failed = [f"#{pid}: {detail}" for pid, (o, detail) in outcomes.items() if o == "failed"]
         raise Failure(description="; ".join(failed), metadata=metadata)

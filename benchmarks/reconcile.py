@@ -253,7 +253,8 @@ def main() -> int:
         ).raise_for_status()
         httpx.post(f"{base_url}/_sandbox/stats/reset").raise_for_status()
 
-        from assets.reconcile import provider_usage, reconciliation
+        from assets.provider_usage import provider_usage
+        from assets.reconcile import reconciliation
         from resources.db import PostgresResource
         from resources.providers import ProvidersResource
         from resources.settings import RunMode

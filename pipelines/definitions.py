@@ -6,6 +6,7 @@ from dagster import Definitions, load_asset_checks_from_modules, load_assets_fro
 
 import assets.credits
 import assets.metering
+import assets.provider_usage
 import assets.push
 import assets.quota
 import assets.reconcile
@@ -17,7 +18,14 @@ from resources.notify import SmtpResource, WebhookResource
 from resources.providers import ProvidersResource
 from resources.settings import RunMode
 
-STAGE_MODULES = [assets.metering, assets.push, assets.quota, assets.reconcile, assets.credits]
+STAGE_MODULES = [
+    assets.metering,
+    assets.push,
+    assets.provider_usage,
+    assets.reconcile,
+    assets.credits,
+    assets.quota,
+]
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),

@@ -459,8 +459,9 @@ def test_real_reconciliation_makes_it_fresh_and_pings_the_switch(
     from builders import add_heartbeats, add_instance, add_org, every_minute
 
     from assets.metering import billed_usage
+    from assets.provider_usage import provider_usage
     from assets.push import usage_push
-    from assets.reconcile import provider_usage, reconciliation
+    from assets.reconcile import reconciliation
     from resources.providers import ProvidersResource
     from resources.settings import RunMode
 

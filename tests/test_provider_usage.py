@@ -10,8 +10,9 @@ from dagster import materialize
 from test_reconcile import DAY, add_at_provider, metadata_of, resources, run, used
 
 from assets.metering import billed_usage
+from assets.provider_usage import provider_usage
 from assets.push import usage_push
-from assets.reconcile import provider_usage, reconciliation
+from assets.reconcile import reconciliation
 from resources.providers import narrow_down
 
 QUANTITIES = "GET /v1/meters/{id}/quantities"

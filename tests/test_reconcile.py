@@ -22,9 +22,11 @@ from builders import (
 from dagster import AssetCheckSeverity, materialize
 
 from assets.credits import credit_proposals
+from assets.discrepancy import KINDS, MONEY_MOVING
 from assets.metering import billed_usage
+from assets.provider_usage import provider_usage
 from assets.push import usage_push
-from assets.reconcile import KINDS, MONEY_MOVING, provider_usage, reconciliation
+from assets.reconcile import reconciliation
 from resources.db import PostgresResource
 from resources.providers import ProvidersResource
 from resources.settings import RunMode

@@ -8,15 +8,11 @@ from decimal import Decimal
 import pandas as pd
 import pytest
 
+from assets.credits import credit_candidates
+from assets.discrepancy import ReconcileInputs
+from assets.finance import billed_vs_recorded_png, finance_totals, top_discrepancies_markdown
 from assets.pricing import Pricing
-from assets.reconcile import (
-    ReconcileInputs,
-    billed_vs_recorded_png,
-    compute_discrepancies,
-    credit_candidates,
-    finance_totals,
-    top_discrepancies_markdown,
-)
+from assets.reconcile import compute_discrepancies
 
 DAY = dt.date(2026, 3, 10)
 NOW = dt.datetime(2026, 3, 11, 2, 0, tzinfo=dt.UTC)

@@ -1,0 +1,284 @@
+"""What a discrepancy is (DESIGN §8): its kinds, its columns, and how one row is built.
+
+The one owner of the discrepancy kinds: the reconciliation rules produce them, the
+credit proposals and finance read them, migrations constrain them (a test checks
+`DiscrepancyKind` against the CHECK constraint of `billing.discrepancies.kind`).
+
+Sign convention: `delta_seconds` is actual minus expected (provider − sent/billable,
+counter − runtime, sent − billable); `dollar_impact` follows it at list tier rates:
+positive means the customer is (or would be) charged too much, negative too little.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import pandas as pd
+
+from assets.metering import MeteringRules
+from assets.pricing import Pricing, PricingError, to_cents
+from resources.calendar import SECONDS_PER_DAY
+
+
+class DiscrepancyKind(StrEnum):
+    """In report order (the order rows are sorted and counted in)."""
+
+    UNPUSHED = "unpushed"
+    PROVIDER_MISSING = "provider_missing"
+    PROVIDER_UNDER = "provider_under"
+    PROVIDER_OVER = "provider_over"
+    TIER_MISMATCH = "tier_mismatch"
+    COUNTER_DRIFT = "counter_drift"
+    MISSING_COUNTER = "missing_counter"
+    CAP_EXCEEDED = "cap_exceeded"
+    PUSH_WINDOW_EXPIRED = "push_window_expired"
+    PLAN_MISMATCH = "plan_mismatch"
+    STUCK_INSTANCE = "stuck_instance"
+    ZOMBIE_INSTANCE = "zombie_instance"
+
+    @property
+    def money_moving(self) -> bool:
+        """Money is (or will be) charged wrongly: ERROR until explained."""
+        return self in MONEY_MOVING
+
+
+KINDS = tuple(DiscrepancyKind)
+MONEY_MOVING = frozenset(
+    {
+        DiscrepancyKind.UNPUSHED,
+        DiscrepancyKind.PROVIDER_MISSING,
+        DiscrepancyKind.PROVIDER_UNDER,
+        DiscrepancyKind.PROVIDER_OVER,
+        DiscrepancyKind.TIER_MISMATCH,
+        DiscrepancyKind.CAP_EXCEEDED,
+        DiscrepancyKind.PUSH_WINDOW_EXPIRED,
+    }
+)
+
+DISCREPANCY_COLUMNS = [
+    "usage_date",
+    "kind",
+    "org_id",
+    "tier",
+    "instance_id",
+    "provider",
+    "billable_seconds",
+    "sent_seconds",
+    "provider_seconds",
+    "counter_seconds",
+    "delta_seconds",
+    "dollar_impact",
+    "money_moving",
+    "explained",
+    "detail",
+]
+INT_COLUMNS = frozenset(
+    {"billable_seconds", "sent_seconds", "provider_seconds", "counter_seconds", "delta_seconds"}
+)
+
+# The columns of each frame reconciliation reads, as its SQL returns them.
+INPUT_COLUMNS = {
+    "billed": ["org_id", "tier", "runtime_seconds", "billable_seconds"],
+    "ledger": ["org_id", "tier", "sent_seconds", "pending_seconds"],
+    "refusals": ["org_id", "tier", "provider", "seconds", "reason"],
+    "provider_usage": ["org_id", "tier", "provider", "customer_id", "seconds", "exact"],
+    "reads": ["provider", "status", "unread_tiers", "note"],
+    "counters": ["org_id", "tier", "runtime_seconds", "updated_at"],
+    "orgs": ["org_id", "plan", "provider", "provider_customer_id", "daily_limit_s"],
+    "plans": ["org_id", "provider", "customer_id", "plan", "status"],
+    "instances": [
+        "instance_id",
+        "org_id",
+        "tier",
+        "status",
+        "created_at",
+        "stopped_at",
+        "last_heartbeat",
+    ],
+    "zombies": ["instance_id", "heartbeats", "first_at", "last_at"],
+    "credits": ["proposal_id", "org_id", "tier", "kind", "provider", "seconds", "amount", "status"],
+    "explanations": ["kind", "org_id", "tier", "explanation", "explained_by"],
+}
+
+
+def with_columns(frame: pd.DataFrame | None, name: str) -> pd.DataFrame:
+    """`frame` with at least the expected columns of input `name` (an empty read has
+    none)."""
+    if frame is None or frame.empty:
+        return pd.DataFrame(columns=INPUT_COLUMNS[name])
+    return frame
+
+
+@dataclass
+class ReconcileInputs:
+    """Everything one day's reconciliation looks at; each frame as read from SQL."""
+
+    usage_date: dt.date
+    now: dt.datetime
+    billed: pd.DataFrame | None = None
+    ledger: pd.DataFrame | None = None
+    refusals: pd.DataFrame | None = None
+    provider_usage: pd.DataFrame | None = None
+    reads: pd.DataFrame | None = None
+    counters: pd.DataFrame | None = None
+    orgs: pd.DataFrame | None = None
+    plans: pd.DataFrame | None = None
+    instances: pd.DataFrame | None = None
+    zombies: pd.DataFrame | None = None
+    credits: pd.DataFrame | None = None
+    explanations: pd.DataFrame | None = None
+    report_only: bool = False
+
+    def get(self, name: str) -> pd.DataFrame:
+        return with_columns(getattr(self, name), name)
+
+
+@dataclass(frozen=True)
+class ReconcileRules:
+    """The tolerances of the rules; metering's own facts come from MeteringRules."""
+
+    counter_tolerance_s: int = 60
+    counter_tolerance_percent: int = 1
+    stuck_after: dt.timedelta = dt.timedelta(minutes=15)
+    counters_max_age: dt.timedelta = dt.timedelta(days=2)
+    # Heartbeat interval and default daily limit: metering's, never a copy.
+    metering: MeteringRules = field(default_factory=MeteringRules)
+
+
+# -- the numbers compared, per (org, tier) and per org ---------------------------------
+
+
+@dataclass
+class TierNumbers:
+    """The four numbers of one (org, tier)."""
+
+    org_id: str
+    tier: str
+    runtime: int = 0
+    billable: int = 0
+    sent: int = 0
+    pending: int = 0
+    recorded: int = 0
+    counter: int | None = None
+    has_billed: bool = False
+
+
+@dataclass
+class OrgFacts:
+    plan: str | None = None
+    provider: str | None = None
+    customer: str | None = None
+    daily_limit_s: int = SECONDS_PER_DAY
+
+
+def tier_numbers(inputs: ReconcileInputs) -> dict[tuple[str, str], TierNumbers]:
+    keys: dict[tuple[str, str], TierNumbers] = {}
+
+    def key(org_id: str, tier: str) -> TierNumbers:
+        found = keys.get((org_id, tier))
+        if found is None:
+            found = keys[(org_id, tier)] = TierNumbers(str(org_id), str(tier))
+        return found
+
+    for row in inputs.get("billed").itertuples(index=False):
+        entry = key(row.org_id, row.tier)
+        entry.runtime, entry.billable = int(row.runtime_seconds), int(row.billable_seconds)
+        entry.has_billed = True
+    for row in inputs.get("ledger").itertuples(index=False):
+        entry = key(row.org_id, row.tier)
+        entry.sent, entry.pending = int(row.sent_seconds or 0), int(row.pending_seconds or 0)
+    for row in inputs.get("provider_usage").itertuples(index=False):
+        key(row.org_id, row.tier).recorded += int(row.seconds)
+    for row in inputs.get("counters").itertuples(index=False):
+        key(row.org_id, row.tier).counter = int(row.runtime_seconds)
+    return keys
+
+
+def org_facts(inputs: ReconcileInputs, rules: ReconcileRules) -> dict[str, OrgFacts]:
+    default_limit = rules.metering.default_daily_limit_s
+    orgs = {}
+    for row in inputs.get("orgs").itertuples(index=False):
+        limit = as_int(row.daily_limit_s)
+        orgs[row.org_id] = OrgFacts(
+            as_text(row.plan),
+            as_text(row.provider),
+            as_text(row.provider_customer_id),
+            default_limit if limit is None else limit,
+        )
+    return orgs
+
+
+# -- values as SQL and pandas hand them over (None, NaN, NaT, "") ----------------------
+
+
+def missing(value: Any) -> bool:
+    return value is None or (not isinstance(value, str | Decimal | bool) and pd.isna(value))
+
+
+def as_int(value: Any) -> int | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return int(value)
+
+
+def as_text(value: Any) -> str | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or value == "":
+        return None
+    return str(value)
+
+
+def as_utc(value: Any) -> dt.datetime | None:
+    if value is None or pd.isna(value):
+        return None
+    return pd.Timestamp(value).tz_convert("UTC").to_pydatetime()
+
+
+def list_dollars(pricing: Pricing, seconds: int | None, tier: str | None) -> Decimal | None:
+    """Unrounded list-rate dollars, None when the tier has no rate."""
+    if seconds is None or tier is None:
+        return None
+    try:
+        return pricing.amount(int(seconds), tier)
+    except PricingError:
+        return None
+
+
+def discrepancy_row(
+    usage_date: dt.date,
+    kind: DiscrepancyKind,
+    org_id: str,
+    *,
+    delta: int,
+    dollars: Decimal | None,
+    detail: str,
+    tier: str | None = None,
+    instance_id: str | None = None,
+    provider: str | None = None,
+    billable: int | None = None,
+    sent: int | None = None,
+    recorded: int | None = None,
+    counter: int | None = None,
+    explained: bool = False,
+) -> dict[str, Any]:
+    """One row of DISCREPANCY_COLUMNS; the dollar impact rounded to cents here."""
+    return {
+        "usage_date": usage_date,
+        "kind": kind,
+        "org_id": org_id,
+        "tier": tier,
+        "instance_id": instance_id,
+        "provider": provider,
+        "billable_seconds": billable,
+        "sent_seconds": sent,
+        "provider_seconds": recorded,
+        "counter_seconds": counter,
+        "delta_seconds": int(delta),
+        "dollar_impact": None if dollars is None else to_cents(dollars),
+        "money_moving": kind.money_moving,
+        "explained": explained,
+        "detail": detail,
+    }

@@ -1,0 +1,86 @@
+"""Per-instance anomalies the control plane shows (DESIGN §8): instances stuck
+"running" without heartbeats, and zombies heartbeating after they stopped. Both
+are unbilled time, reported for support to chase. Pure functions."""
+
+from __future__ import annotations
+
+from assets.discrepancy import (
+    DiscrepancyKind,
+    ReconcileInputs,
+    ReconcileRules,
+    as_utc,
+    discrepancy_row,
+    list_dollars,
+)
+from assets.pricing import Pricing
+from resources.calendar import SECONDS_PER_DAY, day_bounds
+
+Kind = DiscrepancyKind
+
+
+def instance_discrepancies(
+    inputs: ReconcileInputs, pricing: Pricing, rules: ReconcileRules
+) -> list[dict]:
+    """stuck_instance: running, last heartbeat more than 15 min before the end of the
+    day (or now, for today); seconds = the day's span without heartbeats.
+    zombie_instance: heartbeats after stopped_at (quarantined by billed_usage);
+    seconds = those heartbeats × the heartbeat interval. Both are unbilled time."""
+    day = inputs.usage_date
+    day_start, day_end = day_bounds(day)
+    as_of = min(inputs.now, day_end)
+    instances = inputs.get("instances")
+    rows = []
+    if as_of > day_start:
+        for row in instances.sort_values("instance_id").itertuples(index=False):
+            if row.status != "running":
+                continue
+            created = as_utc(row.created_at)
+            if created is not None and created >= as_of:
+                continue
+            last = as_utc(row.last_heartbeat)
+            silent_since = last if last is not None else created
+            if silent_since is None or as_of - silent_since <= rules.stuck_after:
+                continue
+            span = int((as_of - max(silent_since, day_start)).total_seconds())
+            seen = f"last heartbeat {last.isoformat()}" if last else "no heartbeat ever"
+            rows.append(
+                discrepancy_row(
+                    day,
+                    Kind.STUCK_INSTANCE,
+                    row.org_id,
+                    tier=row.tier,
+                    instance_id=row.instance_id,
+                    delta=-span,
+                    dollars=list_dollars(pricing, -span, row.tier),
+                    detail=(
+                        f"status running but {seen}: silent for more than "
+                        f"{int(rules.stuck_after.total_seconds() // 60)} min as of "
+                        f"{as_of.isoformat()}; {span} s of the day unaccounted"
+                    ),
+                )
+            )
+    by_id = {row.instance_id: row for row in instances.itertuples(index=False)}
+    for row in inputs.get("zombies").sort_values("instance_id").itertuples(index=False):
+        instance = by_id.get(row.instance_id)
+        if instance is None:
+            continue
+        seconds = min(int(row.heartbeats) * rules.metering.heartbeat_interval_s, SECONDS_PER_DAY)
+        stopped = as_utc(instance.stopped_at)
+        rows.append(
+            discrepancy_row(
+                day,
+                Kind.ZOMBIE_INSTANCE,
+                instance.org_id,
+                tier=instance.tier,
+                instance_id=row.instance_id,
+                delta=-seconds,
+                dollars=list_dollars(pricing, -seconds, instance.tier),
+                detail=(
+                    f"{int(row.heartbeats)} heartbeats after stopped_at "
+                    f"{stopped.isoformat() if stopped else '?'} (first "
+                    f"{as_utc(row.first_at).isoformat()}, last {as_utc(row.last_at).isoformat()})"
+                    f"; quarantined, not billed: the instance may still be running"
+                ),
+            )
+        )
+    return rows
