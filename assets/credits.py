@@ -18,6 +18,7 @@ import datetime as dt
 from collections.abc import Collection, Iterable
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
 import pandas as pd
 from dagster import (
@@ -141,7 +142,7 @@ def credit_candidates(
     columns = ["org_id", "tier", "provider", "kind", "seconds", "amount", "evidence"]
     proposals = with_columns(proposals, "credits")
     push = credited_seconds(proposals, (ProposalKind.PUSH_OVER_SENT,), LIVE_PROPOSALS)
-    out = []
+    out: list[list[Any]] = []
     if discrepancies is None or discrepancies.empty:
         return pd.DataFrame(out, columns=columns)
     explained = discrepancies["explained"].astype(bool)
@@ -359,7 +360,7 @@ def credit_proposals(
     open_ = stored[stored["status"] == ProposalStatus.PROPOSED]
     total = sum((amount for amount in open_["amount"] if amount is not None), Decimal(0))
     by_level = open_["escalation"].value_counts().to_dict()
-    metadata = {
+    metadata: dict[str, Any] = {
         "usage_date": usage_date.isoformat(),
         "open_proposals": len(open_),
         "open_credit_dollars": MetadataValue.float(float(total)),

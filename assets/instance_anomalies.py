@@ -4,6 +4,8 @@ are unbilled time, reported for support to chase. Pure functions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from assets.discrepancy import (
     DiscrepancyKind,
     ReconcileInputs,
@@ -16,6 +18,11 @@ from assets.pricing import Pricing
 from resources.calendar import SECONDS_PER_DAY, day_bounds
 
 Kind = DiscrepancyKind
+
+
+def _iso(value: Any) -> str:
+    stamp = as_utc(value)
+    return stamp.isoformat() if stamp is not None else "?"
 
 
 def instance_discrepancies(
@@ -77,8 +84,7 @@ def instance_discrepancies(
                 dollars=list_dollars(pricing, -seconds, instance.tier),
                 detail=(
                     f"{int(row.heartbeats)} heartbeats after stopped_at "
-                    f"{stopped.isoformat() if stopped else '?'} (first "
-                    f"{as_utc(row.first_at).isoformat()}, last {as_utc(row.last_at).isoformat()})"
+                    f"{_iso(stopped)} (first {_iso(row.first_at)}, last {_iso(row.last_at)})"
                     f"; quarantined, not billed: the instance may still be running"
                 ),
             )

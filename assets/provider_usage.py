@@ -4,6 +4,7 @@ customers asked for in groups and narrowed down only where a total differs from
 the ledger. Also the providers' subscription plans, for plan_mismatch."""
 
 import datetime as dt
+from typing import Any
 
 import pandas as pd
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
@@ -233,7 +234,7 @@ def provider_usage(
         write_provider_usage(connection, usage_date, usage, reads, plans)
 
     polar_customers = stats.get("polar_customers", 0)
-    metadata = {
+    metadata: dict[str, Any] = {
         "usage_date": usage_date.isoformat(),
         "rows": len(usage),
         "customers": stats["customers"],

@@ -14,6 +14,7 @@ assets/finance.py.
 import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import pandas as pd
 from dagster import (
@@ -89,7 +90,7 @@ class _DayFacts:
     credited: dict[tuple[str, str], int]
     proposed_push: dict[tuple[str, str], int]
     tier_credited: set[str]
-    refusals: dict[tuple[str, str], object]
+    refusals: dict[tuple[str, str], Any]
 
     @classmethod
     def of(cls, inputs: ReconcileInputs, pricing: Pricing, rules: ReconcileRules) -> "_DayFacts":
@@ -229,7 +230,7 @@ def _tier_mismatch_row(
 
 def _provider_rows(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> list[dict]:
     day, org_id = facts.inputs.usage_date, entry.org_id
-    common = {
+    common: dict[str, Any] = {
         "tier": entry.tier,
         "provider": org.provider,
         "billable": entry.billable,
