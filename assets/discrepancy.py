@@ -164,7 +164,6 @@ class TierNumbers:
     pending: int = 0
     recorded: int = 0
     counter: int | None = None
-    has_billed: bool = False
 
 
 @dataclass
@@ -187,7 +186,6 @@ def tier_numbers(inputs: ReconcileInputs) -> dict[tuple[str, str], TierNumbers]:
     for row in inputs.get("billed").itertuples(index=False):
         entry = key(row.org_id, row.tier)
         entry.runtime, entry.billable = int(row.runtime_seconds), int(row.billable_seconds)
-        entry.has_billed = True
     for row in inputs.get("ledger").itertuples(index=False):
         entry = key(row.org_id, row.tier)
         entry.sent, entry.pending = int(row.sent_seconds or 0), int(row.pending_seconds or 0)
