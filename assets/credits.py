@@ -33,9 +33,10 @@ from dagster import (
     op,
 )
 
+from assets.config import pricing_or_fail
 from assets.discrepancy import DiscrepancyKind, list_dollars, with_columns
 from assets.markdown import markdown_table
-from assets.pricing import Pricing, current_pricing, to_cents
+from assets.pricing import Pricing, to_cents
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, lock_day, raw_connection, read_frame
@@ -335,7 +336,7 @@ def credit_proposals(
 ) -> MaterializeResult:
     usage_date = partition_day(context.partition_key)
     params = {"usage_date": usage_date}
-    pricing = current_pricing()
+    pricing = pricing_or_fail()
     orgs = _orgs(postgres)
     with raw_connection(postgres.billing_engine()) as connection:
         with connection.cursor() as cursor:
