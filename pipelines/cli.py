@@ -7,9 +7,12 @@ import datetime as dt
 import logging
 import os
 import sys
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+# Re-exported until tests/test_push_faults.py imports it from pipelines.runner.
+from pipelines.runner import failure_messages as failure_messages
+from pipelines.runner import run_days
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -57,82 +60,16 @@ def _quiet_libraries() -> None:
 
 
 def _check_databases() -> None:
-    from resources.db import DatabaseUnavailable, billing_url, control_plane_url, engine_for
+    from resources.db import DatabaseUnavailable, billing_engine, control_engine
 
     try:
-        engine_for(control_plane_url())
-        engine_for(billing_url())
+        control_engine()
+        billing_engine(apply_migrations=False)
     except DatabaseUnavailable as error:
         raise UsageError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- run
-
-
-def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str], None]) -> int:
-    """Materialize `daily_billing` for each day in order, recorded in the Dagster
-    instance (visible in the UI). Returns the number of failed days."""
-    from pipelines.definitions import defs
-    from pipelines.local import open_local_instance
-    from pipelines.summary import day_summary_line
-
-    job = defs.resolve_job_def("daily_billing")
-    failures = 0
-    with open_local_instance() as instance:
-        for position, day in enumerate(days, start=1):
-            started = time.monotonic()
-            result = job.execute_in_process(
-                partition_key=day.isoformat(),
-                instance=instance,
-                run_config={
-                    "resources": {"run_mode": {"config": {"report_only": report_only}}},
-                    # Progress is one line per day here; the full event log is in the UI.
-                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-                },
-                raise_on_error=False,
-                tags={"tally/source": "cli"},
-            )
-            elapsed = time.monotonic() - started
-            status = "ok" if result.success else "FAILED"
-            echo(
-                f"[{position}/{len(days)}] {day}  {status:<6} {elapsed:6.1f}s  "
-                f"{day_summary_line(day)}  run {result.run_id[:8]}"
-            )
-            if not result.success:
-                failures += 1
-                for step, message in failure_messages(result):
-                    echo(f"    {step}: {message}")
-    return failures
-
-
-def _user_message(error) -> str | None:
-    """Walk Dagster's error chain to the user's own exception message."""
-    while error is not None:
-        text = (error.message or "").strip()
-        if (
-            text
-            and not text.startswith(("dagster.", "Exceeded max_retries"))
-            and ("RetryRequestedFromPolicy" not in text)
-        ):
-            return text.splitlines()[0]
-        error = error.cause or error.context
-    return None
-
-
-def failure_messages(result) -> list[tuple[str, str]]:
-    """The first line of each failed step's own error (not Dagster's retry wrapper)."""
-    messages: dict[str, str] = {}
-    for event in result.all_events:
-        data = event.event_specific_data
-        if not event.step_key or data is None:
-            continue
-        user_failure = getattr(data, "user_failure_data", None)
-        message = getattr(user_failure, "description", None) or _user_message(
-            getattr(data, "error", None)
-        )
-        if message:
-            messages[event.step_key] = message.splitlines()[0]
-    return list(messages.items())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,11 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     from pipelines import seed
-    from resources.db import control_plane_url, engine_for
+    from resources.db import control_engine
 
     _check_databases()
     try:
-        counts = seed.run_from_args(args, engine_for(control_plane_url()))
+        counts = seed.run_from_args(args, control_engine())
     except ValueError as error:
         raise UsageError(str(error)) from None
     print("seeded " + ", ".join(f"{table}={count:,}" for table, count in counts.items()))
@@ -217,10 +154,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def _last_alert() -> tuple[dict | None, str | None]:
     """The newest freshness alert, or (None, why it could not be read)."""
     from pipelines.freshness import latest_alert
-    from resources.db import DatabaseUnavailable, billing_url, engine_for, raw_connection
+    from resources.db import DatabaseUnavailable, billing_engine, raw_connection
 
     try:
-        with raw_connection(engine_for(billing_url())) as connection:
+        with raw_connection(billing_engine(apply_migrations=False)) as connection:
             return latest_alert(connection), None
     except DatabaseUnavailable as error:
         return None, str(error)
@@ -288,11 +225,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from pipelines.local import open_local_instance
-    from resources.db import billing_url, engine_for
-    from resources.metrics import build_registry, exposition, metrics_server
+    from pipelines.metrics import build_registry, exposition, metrics_server
+    from resources.db import billing_engine
 
     with open_local_instance() as instance:
-        registry = build_registry(instance, lambda: engine_for(billing_url()))
+        registry = build_registry(instance, lambda: billing_engine(apply_migrations=False))
         if args.once:
             sys.stdout.write(exposition(registry))
             return EXIT_OK
@@ -329,7 +266,7 @@ def cmd_export_discrepancies(args: argparse.Namespace) -> int:
         raise UsageError(f"--end-date {args.end_date} is before --start-date {args.start_date}")
     _check_databases()
     from pipelines.export import export_discrepancies
-    from resources.db import PostgresResource
+    from resources.db import billing_engine
 
     to_stdout = args.output == "-"
     try:
@@ -339,9 +276,7 @@ def cmd_export_discrepancies(args: argparse.Namespace) -> int:
             f"cannot write {args.output} ({error.strerror}); choose a writable --output path"
         ) from None
     try:
-        count = export_discrepancies(
-            PostgresResource().billing_engine(), args.start_date, args.end_date, stream
-        )
+        count = export_discrepancies(billing_engine(), args.start_date, args.end_date, stream)
     finally:
         if not to_stdout:
             stream.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
+import assets.budget_alerts
 import assets.credits
 import assets.metering
 import assets.provider_usage
@@ -25,6 +26,7 @@ STAGE_MODULES = [
     assets.reconcile,
     assets.credits,
     assets.quota,
+    assets.budget_alerts,
 ]
 
 defs = Definitions(

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from typing import TYPE_CHECKING
 
+from pipelines.runner import run_days
 from pipelines.summary import (
     SUMMARY_HEADER,
     day_summary_row,
     discrepancy_report,
     month_to_date_report,
 )
-from resources.db import engine_for, recreate_embedded_database
+from resources.db import control_engine, recreate_embedded_database
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from resources.sandbox.testing import RunningSandbox
 
 
-def _simulate_double_charge(engine, sandbox, day: dt.date) -> None:
+def _simulate_double_charge(engine: Engine, sandbox: RunningSandbox, day: dt.date) -> None:
     """Record two extra hours at the provider for one org, so the reconciliation
     has an over-charge to find and a credit to propose."""
     from resources.db import raw_connection, read_frame
@@ -59,14 +66,15 @@ def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
         return _seed_and_run(url, sandbox, days=days, orgs=orgs, instances=instances, seed=seed)
 
 
-def _seed_and_run(url: str, sandbox, *, days: int, orgs: int, instances: int, seed: int) -> int:
+def _seed_and_run(
+    url: str, sandbox: RunningSandbox, *, days: int, orgs: int, instances: int, seed: int
+) -> int:
     from pipelines import seed as seeding
-    from pipelines.cli import run_days
     from resources.db import create_control_plane
 
     os.environ["DATABASE_URL"] = url
     os.environ.pop("BILLING_DATABASE_URL", None)
-    engine = engine_for(url)
+    engine = control_engine()  # the recreated database, through DATABASE_URL
     create_control_plane(engine)
     end_date = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     spec = seeding.SeedSpec(orgs=orgs, instances=instances, days=days, end_date=end_date, seed=seed)

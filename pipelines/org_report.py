@@ -17,7 +17,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from resources.calendar import next_month
+
+if TYPE_CHECKING:  # pandas, SQLAlchemy and the pricing load lazily: `tally --help` stays fast
+    import pandas as pd
+    from sqlalchemy.engine import Engine
+
+    from assets.pricing import Plan, Pricing
 
 SCHEMA_ID = "tally.org_report/1"
 OPEN_STATUSES_EXCLUDED = ("resolved", "closed", "explained", "credited", "dismissed")
@@ -166,19 +176,12 @@ def _discrepancy_open(detail: dict) -> bool:
     return str(detail.get("status") or "").lower() not in OPEN_STATUSES_EXCLUDED
 
 
-def build_report(
-    org_id: str, month: dt.date, *, control_engine, billing_engine, today: dt.date
-) -> dict:
-    """The report as a JSON-ready dict (see JSON_SCHEMA)."""
-    import pandas as pd
+def _lookup_org(control_engine: Engine, org_id: str) -> pd.Series:
+    """The org's control-plane row; ReportError when there is no such org (or table)."""
     from psycopg.errors import UndefinedTable
 
-    from assets.pricing import PricingError, current_pricing
-    from assets.quota import next_month, quota_month_to_date
     from resources.db import raw_connection, read_frame
 
-    if month > today.replace(day=1):
-        raise ReportError(f"--month {month:%Y-%m} is in the future (this month is {today:%Y-%m})")
     try:
         with raw_connection(control_engine) as connection:
             org = read_frame(connection, "org_lookup.sql", {"org_id": org_id})
@@ -189,12 +192,35 @@ def build_report(
         ) from None
     if org.empty:
         raise ReportError(f"no organization '{org_id}' in the control plane; check the id")
-    org_row = org.iloc[0]
+    return org.iloc[0]
+
+
+def _org_plan(org_id: str, plan_name: str) -> tuple[Pricing, Plan]:
+    """The pricing configuration and the org's plan in it; ReportError when unpriced."""
+    from assets.pricing import PricingError, current_pricing
+
     try:
         pricing = current_pricing()
-        plan = pricing.plan(org_row["plan"])
+        return pricing, pricing.plan(plan_name)
     except PricingError as error:
         raise ReportError(f"{org_id}: {error}") from None
+
+
+@dataclass
+class _MonthRows:
+    """What the billing database holds of the org's month."""
+
+    usage: pd.DataFrame
+    as_of: dt.date | None  # the newest metered day of the month, if any
+    alerts: pd.DataFrame
+    tracked: bool  # billing.discrepancies exists
+    discrepancies: pd.DataFrame | None  # None unless tracked
+
+
+def _read_month(billing_engine: Engine, org_id: str, month: dt.date) -> _MonthRows:
+    import pandas as pd
+
+    from resources.db import raw_connection, read_frame
 
     span = {"org_id": org_id, "month_start": month, "next_month": next_month(month)}
     with raw_connection(billing_engine) as connection:
@@ -204,16 +230,88 @@ def build_report(
         tracked = bool(read_frame(connection, "org_discrepancies_exists.sql")["present"].iloc[0])
         found = read_frame(connection, "org_discrepancies.sql", span) if tracked else None
     as_of = None if as_of is None or pd.isna(as_of) else as_of
-    month_end = next_month(month) - dt.timedelta(days=1)
-    result = quota_month_to_date(
-        usage,
-        pd.DataFrame({"org_id": [org_id], "plan": [plan.name]}),
-        as_of or min(month_end, today),
-        pricing,
-    )
-    quota = result.orgs.iloc[0]
+    return _MonthRows(usage, as_of, alerts, tracked, found)
 
-    details = [row.detail for row in found.itertuples(index=False)] if tracked else []
+
+def _org_section(org_id: str, org_row: pd.Series) -> dict:
+    return {
+        "org_id": org_id,
+        "name": org_row["name"],
+        "billing_email": org_row["billing_email"],
+        "provider": org_row["provider"],
+    }
+
+
+def _plan_section(plan: Plan, quota: pd.Series) -> dict:
+    return {
+        "name": plan.name,
+        "monthly_fee": str(quota["base_fee"]),
+        "included_hours": float(plan.included_hours),
+        "overage_billable": plan.overage_billable,
+    }
+
+
+_USAGE_AMOUNTS = ("billable", "included", "included_used", "included_left", "overage")
+
+
+def _usage_section(quota: pd.Series) -> dict:
+    return {
+        **{
+            f"{name}_hours": _hours_number(int(quota[f"{name}_seconds"])) for name in _USAGE_AMOUNTS
+        },
+        "used_pct": None if quota["used_pct"] is None else float(quota["used_pct"]),
+        **{f"{name}_seconds": int(quota[f"{name}_seconds"]) for name in _USAGE_AMOUNTS},
+    }
+
+
+def _tier_items(tiers: pd.DataFrame) -> list[dict]:
+    return [
+        {
+            "tier": row.tier,
+            "billable_hours": _hours_number(row.billable_seconds),
+            "included_hours": _hours_number(row.included_seconds),
+            "overage_hours": _hours_number(row.overage_seconds),
+            "billable_seconds": int(row.billable_seconds),
+            "included_seconds": int(row.included_seconds),
+            "overage_seconds": int(row.overage_seconds),
+            "overage_amount": str(row.overage_amount),
+        }
+        for row in tiers.itertuples(index=False)
+    ]
+
+
+def _charges_section(quota: pd.Series) -> dict:
+    return {
+        "currency": "USD",
+        "base_fee": str(quota["base_fee"]),
+        "overage": str(quota["overage_charges"]),
+        "expected": str(quota["expected_charges"]),
+    }
+
+
+def _alert_items(alerts: pd.DataFrame) -> list[dict]:
+    import pandas as pd
+
+    return [
+        {
+            "threshold": int(row.threshold),
+            "status": row.status,
+            "usage_date": row.usage_date.isoformat(),
+            "used_hours": _hours_number(row.billable_seconds),
+            "included_hours": _hours_number(row.included_seconds),
+            "recipient": row.recipient,
+            "attempts": int(row.attempts),
+            "sent_at": None if pd.isna(row.sent_at) else row.sent_at.isoformat(),
+            "last_error": row.last_error,
+        }
+        for row in alerts.itertuples(index=False)
+    ]
+
+
+def _discrepancies_section(rows: _MonthRows) -> dict:
+    details = (
+        [row.detail for row in rows.discrepancies.itertuples(index=False)] if rows.tracked else []
+    )
     open_items = [
         {
             "usage_date": str(detail.get("usage_date"))[:10],
@@ -224,68 +322,47 @@ def build_report(
         for detail in details
         if _discrepancy_open(detail)
     ]
+    return {"tracked": rows.tracked, "open": len(open_items), "items": open_items}
+
+
+def build_report(
+    org_id: str,
+    month: dt.date,
+    *,
+    control_engine: Engine,
+    billing_engine: Engine,
+    today: dt.date,
+) -> dict:
+    """The report as a JSON-ready dict (see JSON_SCHEMA)."""
+    import pandas as pd
+
+    from assets.quota import quota_month_to_date
+
+    if month > today.replace(day=1):
+        raise ReportError(f"--month {month:%Y-%m} is in the future (this month is {today:%Y-%m})")
+    org_row = _lookup_org(control_engine, org_id)
+    pricing, plan = _org_plan(org_id, org_row["plan"])
+    rows = _read_month(billing_engine, org_id, month)
+    month_end = next_month(month) - dt.timedelta(days=1)
+    result = quota_month_to_date(
+        rows.usage,
+        pd.DataFrame({"org_id": [org_id], "plan": [plan.name]}),
+        rows.as_of or min(month_end, today),
+        pricing,
+    )
+    quota = result.orgs.iloc[0]
     return {
         "schema": SCHEMA_ID,
-        "org": {
-            "org_id": org_id,
-            "name": org_row["name"],
-            "billing_email": org_row["billing_email"],
-            "provider": org_row["provider"],
-        },
+        "org": _org_section(org_id, org_row),
         "month": f"{month:%Y-%m}",
-        "as_of": as_of.isoformat() if as_of else None,
-        "plan": {
-            "name": plan.name,
-            "monthly_fee": str(quota["base_fee"]),
-            "included_hours": float(plan.included_hours),
-            "overage_billable": plan.overage_billable,
-        },
-        "usage": {
-            **{
-                f"{name}_hours": _hours_number(int(quota[f"{name}_seconds"]))
-                for name in ("billable", "included", "included_used", "included_left", "overage")
-            },
-            "used_pct": None if quota["used_pct"] is None else float(quota["used_pct"]),
-            **{
-                f"{name}_seconds": int(quota[f"{name}_seconds"])
-                for name in ("billable", "included", "included_used", "included_left", "overage")
-            },
-        },
-        "tiers": [
-            {
-                "tier": row.tier,
-                "billable_hours": _hours_number(row.billable_seconds),
-                "included_hours": _hours_number(row.included_seconds),
-                "overage_hours": _hours_number(row.overage_seconds),
-                "billable_seconds": int(row.billable_seconds),
-                "included_seconds": int(row.included_seconds),
-                "overage_seconds": int(row.overage_seconds),
-                "overage_amount": str(row.overage_amount),
-            }
-            for row in result.tiers.itertuples(index=False)
-        ],
-        "charges": {
-            "currency": "USD",
-            "base_fee": str(quota["base_fee"]),
-            "overage": str(quota["overage_charges"]),
-            "expected": str(quota["expected_charges"]),
-        },
+        "as_of": rows.as_of.isoformat() if rows.as_of else None,
+        "plan": _plan_section(plan, quota),
+        "usage": _usage_section(quota),
+        "tiers": _tier_items(result.tiers),
+        "charges": _charges_section(quota),
         "free_tier_overage": bool(quota["free_tier_overage"]),
-        "alerts": [
-            {
-                "threshold": int(row.threshold),
-                "status": row.status,
-                "usage_date": row.usage_date.isoformat(),
-                "used_hours": _hours_number(row.billable_seconds),
-                "included_hours": _hours_number(row.included_seconds),
-                "recipient": row.recipient,
-                "attempts": int(row.attempts),
-                "sent_at": None if pd.isna(row.sent_at) else row.sent_at.isoformat(),
-                "last_error": row.last_error,
-            }
-            for row in alerts.itertuples(index=False)
-        ],
-        "discrepancies": {"tracked": tracked, "open": len(open_items), "items": open_items},
+        "alerts": _alert_items(rows.alerts),
+        "discrepancies": _discrepancies_section(rows),
     }
 
 
@@ -351,16 +428,16 @@ def _json_default(value: object) -> str:
 
 def run_org_report(org_id: str, month: dt.date | None, *, as_json: bool) -> int:
     """Print the report; ReportError for user mistakes. Returns the exit code (0)."""
-    from resources.db import billing_url, control_plane_url, engine_for, migrate
+    from resources.db import billing_engine, control_engine
 
     today = dt.datetime.now(dt.UTC).date()
-    billing_engine = engine_for(billing_url())
-    migrate(billing_engine)  # a fresh database answers "nothing yet", not an SQL error
+    # Migrated: a fresh database answers "nothing yet", not an SQL error.
+    billing = billing_engine()
     report = build_report(
         org_id,
         month or today.replace(day=1),
-        control_engine=engine_for(control_plane_url()),
-        billing_engine=billing_engine,
+        control_engine=control_engine(),
+        billing_engine=billing,
         today=today,
     )
     print(json.dumps(report, indent=2, default=_json_default) if as_json else render_text(report))

@@ -31,7 +31,7 @@ import argparse
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from resources.db import create_control_plane, raw_connection
+
+if TYPE_CHECKING:
+    import psycopg
+    from sqlalchemy.engine import Engine
 
 TABLES = ("organizations", "throttle_settings", "instances", "heartbeats", "usage_counters")
 # Order of loading: heartbeats before instances and usage_counters, whose
@@ -255,14 +259,47 @@ def _ts(values_us: np.ndarray) -> pd.Series:
     return pd.Series(np.asarray(values_us, dtype=np.int64).view("M8[us]")).dt.tz_localize("UTC")
 
 
-def _plan(spec: SeedSpec) -> _Plan:
-    rng = np.random.default_rng([spec.seed, 0])
-    ws = _to_us(spec.window_start)
-    we = _to_us(spec.window_end)
-    period_start = ws + DAY_S * US
-    n_orgs, n = spec.orgs, spec.instances
+# Every step below draws from the plan's one Generator; the steps run in a fixed
+# order (that of `_plan`), so the same seed gives the same draws and the same data.
 
-    # organizations
+
+@dataclass(frozen=True)
+class _Window:
+    """The heartbeat window in epoch microseconds: [start, end), and the start of
+    the usage days (the day after the look-back day)."""
+
+    start: int
+    end: int
+    period_start: int
+
+    @classmethod
+    def of(cls, spec: SeedSpec) -> _Window:
+        start = _to_us(spec.window_start)
+        return cls(start=start, end=_to_us(spec.window_end), period_start=start + DAY_S * US)
+
+
+def _customer_ids(
+    rng: np.random.Generator, org_ids: np.ndarray, providers: list[str]
+) -> list[str | None]:
+    """Stripe `cus_` ids, Polar external ids; with five orgs or more one has none."""
+    n_orgs = org_ids.size
+    stripe_suffix = _ALPHANUM[rng.integers(len(_ALPHANUM), size=(n_orgs, 10))]
+    customer_ids: list[str | None] = [
+        "cus_" + b"".join(stripe_suffix[i]).decode()
+        if provider == "stripe"
+        else f"ext_{org_ids[i]}"
+        for i, provider in enumerate(providers)
+    ]
+    if n_orgs >= 5:
+        customer_ids[int(rng.integers(1, n_orgs))] = None
+    return customer_ids
+
+
+def _organizations(
+    spec: SeedSpec, rng: np.random.Generator, window: _Window
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Org ids and the organizations table: names, plans, providers, customers."""
+    n_orgs = spec.orgs
     org_ids = np.array([f"org-{i + 1:04d}" for i in range(n_orgs)], dtype=object)
     names = [
         f"{_ADJECTIVES[a]} {_NOUNS[b]} {_SUFFIXES[c]}"
@@ -275,16 +312,8 @@ def _plan(spec: SeedSpec) -> _Plan:
     ]
     plans = np.array(PLANS, dtype=object)[rng.permutation(np.arange(n_orgs) % len(PLANS))]
     providers = [spec.providers[i % len(spec.providers)] for i in range(n_orgs)]
-    stripe_suffix = _ALPHANUM[rng.integers(len(_ALPHANUM), size=(n_orgs, 10))]
-    customer_ids: list[str | None] = [
-        "cus_" + b"".join(stripe_suffix[i]).decode()
-        if provider == "stripe"
-        else f"ext_{org_ids[i]}"
-        for i, provider in enumerate(providers)
-    ]
-    if n_orgs >= 5:
-        customer_ids[int(rng.integers(1, n_orgs))] = None
-    org_created = ws - (rng.uniform(30, 900, n_orgs) * DAY_S).astype(np.int64) * US
+    customer_ids = _customer_ids(rng, org_ids, providers)
+    org_created = window.start - (rng.uniform(30, 900, n_orgs) * DAY_S).astype(np.int64) * US
     organizations = pd.DataFrame(
         {
             "org_id": pd.Series(org_ids, dtype="str"),
@@ -296,8 +325,13 @@ def _plan(spec: SeedSpec) -> _Plan:
             "created_at": _ts(org_created),
         }
     )
+    return org_ids, organizations
 
-    # throttle settings: about a third of the orgs, one tight limit each (or all three)
+
+def _throttle(rng: np.random.Generator, org_ids: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+    """About a third of the orgs (their indexes, sorted), one tight limit each (or all
+    three), and the throttle_settings table."""
+    n_orgs = org_ids.size
     n_throttled = (n_orgs + 2) // 3
     throttled = np.sort(rng.choice(n_orgs, n_throttled, replace=False))
     limits = np.tile(np.array(DEFAULT_LIMITS, dtype=np.int64), (n_throttled, 1))
@@ -320,32 +354,62 @@ def _plan(spec: SeedSpec) -> _Plan:
             "idle_timeout_minutes": limits[:, 2],
         }
     )
+    return throttled, throttle
 
-    # instances: one per org, the rest skewed towards a few big orgs
+
+@dataclass
+class _Instances:
+    """The instances' draws, before anomalies and times (arrays of length n)."""
+
+    org: np.ndarray  # int64 index into org_ids, sorted
+    ids: list[str]
+    unknown_ids: list[str]  # ids no instance has (for unknown-instance heartbeats)
+    tier: np.ndarray
+    status: np.ndarray
+    profile: np.ndarray
+    forced: np.ndarray  # bool: the 24/7 first instance of a throttled org
+
+
+def _instances(spec: SeedSpec, rng: np.random.Generator, throttled: np.ndarray) -> _Instances:
+    """One instance per org, the rest skewed towards a few big orgs; the first
+    instance of every throttled org runs 24/7, so its caps bite."""
+    n_orgs, n = spec.orgs, spec.instances
     weights = rng.gamma(0.6, size=n_orgs) + 0.02
     extra = rng.choice(n_orgs, n - n_orgs, p=weights / weights.sum())
     inst_org = np.sort(np.concatenate([np.arange(n_orgs), extra])).astype(np.int64)
     raw_ids = rng.choice(2**32, n + UNKNOWN_ID_POOL, replace=False)
     all_ids = [f"i-{int(v):08x}" for v in raw_ids]
-    instance_ids, unknown_ids = all_ids[:n], all_ids[n:]
     inst_tier = rng.choice(len(TIERS), n, p=TIER_WEIGHTS).astype(np.int64)
     status = rng.choice(len(STATUSES), n, p=STATUS_WEIGHTS).astype(np.int64)
     profile = rng.choice(3, n, p=PROFILE_WEIGHTS).astype(np.int64)
 
-    # the first instance of every throttled org runs 24/7, so its caps bite
     first_of_org = np.searchsorted(inst_org, np.arange(n_orgs))
     forced = np.zeros(n, dtype=bool)
     forced[first_of_org[throttled]] = True
     status[forced] = 0
     profile[forced] = ALWAYS_ON
+    return _Instances(inst_org, all_ids[:n], all_ids[n:], inst_tier, status, profile, forced)
 
-    created = ws - (rng.uniform(1, 400, n) * DAY_S * US).astype(np.int64)
+
+def _created_times(rng: np.random.Generator, forced: np.ndarray, window: _Window) -> np.ndarray:
+    """Creation times (whole seconds): long before the window, about 8 % during it."""
+    n = forced.size
+    created = window.start - (rng.uniform(1, 400, n) * DAY_S * US).astype(np.int64)
     new_in_period = (rng.random(n) < 0.08) & ~forced
-    created[new_in_period] = period_start + (
-        rng.random(new_in_period.sum()) * (we - 6 * 3600 * US - period_start)
+    created[new_in_period] = window.period_start + (
+        rng.random(new_in_period.sum()) * (window.end - 6 * 3600 * US - window.period_start)
     ).astype(np.int64)
-    created = created // US * US
+    return created // US * US
 
+
+def _zombies_and_stuck(
+    spec: SeedSpec, rng: np.random.Generator, instances: _Instances
+) -> tuple[np.ndarray, np.ndarray]:
+    """With anomalies: stopped instances that still heartbeat (zombies) and running
+    ones gone silent (stuck), both made 24/7; at least one stopped instance, one
+    zombie and up to two stuck ones. Updates `instances.status` / `.profile`."""
+    status, forced = instances.status, instances.forced
+    n = status.size
     zombie = np.zeros(n, dtype=bool)
     stuck = np.zeros(n, dtype=bool)
     if spec.anomalies:
@@ -361,43 +425,75 @@ def _plan(spec: SeedSpec) -> _Plan:
         want = min(2, running.size // 4)
         if stuck.sum() < want:
             stuck[running[:want]] = True
-        profile[zombie | stuck] = ALWAYS_ON
+        instances.profile[zombie | stuck] = ALWAYS_ON
+    return zombie, stuck
 
+
+def _stop_times(
+    rng: np.random.Generator, status: np.ndarray, created: np.ndarray, window: _Window
+) -> np.ndarray:
+    """stopped_at of stopped instances (whole seconds, at least an hour after
+    creation and before the window's end); NAT for the others."""
+    n = status.size
     stopped_us = np.full(n, NAT, dtype=np.int64)
     is_stopped = status == 2
-    stop_lo = np.maximum(created, period_start) + 3600 * US
-    stop_hi = we - 3600 * US
+    stop_lo = np.maximum(created, window.period_start) + 3600 * US
+    stop_hi = window.end - 3600 * US
     stopped_us[is_stopped] = (
         (stop_lo + rng.random(n) * np.maximum(stop_hi - stop_lo, US))[is_stopped].astype(np.int64)
         // US
         * US
     )
+    return stopped_us
 
-    beats_until = np.full(n, we, dtype=np.int64)
-    stop_beats = is_stopped & ~zombie
+
+def _beats_until(
+    rng: np.random.Generator,
+    status: np.ndarray,
+    stopped_us: np.ndarray,
+    zombie: np.ndarray,
+    stuck: np.ndarray,
+    window: _Window,
+) -> np.ndarray:
+    """When each instance stops heartbeating: the window's end, its stop (zombies
+    beat on), 4-36 h before the end when paused, 3-20 h when stuck."""
+    n = status.size
+    beats_until = np.full(n, window.end, dtype=np.int64)
+    stop_beats = (status == 2) & ~zombie
     beats_until[stop_beats] = stopped_us[stop_beats]
     paused = status == 1
-    beats_until[paused] = we - (rng.uniform(4, 36, n) * 3600 * US).astype(np.int64)[paused]
-    beats_until[stuck] = we - (rng.uniform(3, 20, n) * 3600 * US).astype(np.int64)[stuck]
-    quarantine_from = np.where(is_stopped, stopped_us, NEVER)
+    beats_until[paused] = window.end - (rng.uniform(4, 36, n) * 3600 * US).astype(np.int64)[paused]
+    beats_until[stuck] = window.end - (rng.uniform(3, 20, n) * 3600 * US).astype(np.int64)[stuck]
+    return beats_until
 
+
+def _plan(spec: SeedSpec) -> _Plan:
+    rng = np.random.default_rng([spec.seed, 0])
+    window = _Window.of(spec)
+    org_ids, organizations = _organizations(spec, rng, window)
+    throttled, throttle = _throttle(rng, org_ids)
+    instances = _instances(spec, rng, throttled)
+    created = _created_times(rng, instances.forced, window)
+    zombie, stuck = _zombies_and_stuck(spec, rng, instances)
+    stopped_us = _stop_times(rng, instances.status, created, window)
+    beats_until = _beats_until(rng, instances.status, stopped_us, zombie, stuck, window)
     return _Plan(
         spec=spec,
-        window_start_us=ws,
+        window_start_us=window.start,
         organizations=organizations,
         throttle=throttle,
         org_ids=org_ids,
-        instance_ids=instance_ids,
-        unknown_ids=unknown_ids,
-        inst_org=inst_org,
-        inst_tier=inst_tier,
-        inst_status=status,
-        profile=profile,
+        instance_ids=instances.ids,
+        unknown_ids=instances.unknown_ids,
+        inst_org=instances.org,
+        inst_tier=instances.tier,
+        inst_status=instances.status,
+        profile=instances.profile,
         created_us=created,
         stopped_us=stopped_us,
-        beats_from_us=np.maximum(created, ws),
+        beats_from_us=np.maximum(created, window.start),
         beats_until_us=beats_until,
-        quarantine_from_us=quarantine_from,
+        quarantine_from_us=np.where(instances.status == 2, stopped_us, NEVER),
     )
 
 
@@ -750,7 +846,7 @@ def lazy_frames(spec: SeedSpec) -> dict[str, Any]:
     }
 
 
-def load(engine, frames: dict[str, Any], *, replace: bool = True) -> dict[str, int]:
+def load(engine: Engine, frames: dict[str, Any], *, replace: bool = True) -> dict[str, int]:
     """COPY frames into the control-plane tables, in one transaction; returns row
     counts per table. A value may be a DataFrame, (heartbeats) an iterable of
     DataFrames, or a zero-argument callable returning either, called in LOAD_ORDER.
@@ -775,7 +871,7 @@ def load(engine, frames: dict[str, Any], *, replace: bool = True) -> dict[str, i
     return counts
 
 
-def seed(engine, spec: SeedSpec) -> dict[str, int]:
+def seed(engine: Engine, spec: SeedSpec) -> dict[str, int]:
     """Create the control-plane tables if needed and fill them with `spec`'s data,
     replacing what was there; heartbeats stream in chunks. Returns row counts."""
     create_control_plane(engine)
@@ -785,7 +881,7 @@ def seed(engine, spec: SeedSpec) -> dict[str, int]:
 # --------------------------------------------------------------------------- COPY
 
 
-def _copy_rows(cursor, table: str, frame: pd.DataFrame) -> int:
+def _copy_rows(cursor: psycopg.Cursor, table: str, frame: pd.DataFrame) -> int:
     columns = COLUMNS[table]
     frame = frame[columns]
     values = [
@@ -863,7 +959,7 @@ def _heartbeat_copy_data(frame: pd.DataFrame) -> Iterator[bytes]:
 
 
 def _copy_heartbeats(
-    cursor, value: pd.DataFrame | Iterable[pd.DataFrame], *, empty_table: bool
+    cursor: psycopg.Cursor, value: pd.DataFrame | Iterable[pd.DataFrame], *, empty_table: bool
 ) -> int:
     """Binary COPY of heartbeat chunks. Into a just-truncated table the indexes are
     dropped and rebuilt after the copy (same definitions, same transaction): ~3x
@@ -988,6 +1084,6 @@ def spec_from_args(args: argparse.Namespace) -> SeedSpec:
     )
 
 
-def run_from_args(args: argparse.Namespace, engine) -> dict[str, int]:
+def run_from_args(args: argparse.Namespace, engine: Engine) -> dict[str, int]:
     """`tally seed`: validate the flags, then seed the control-plane database."""
     return seed(engine, spec_from_args(args))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from resources.db import billing_url, engine_for, raw_connection, read_frame
+from resources.db import billing_engine, raw_connection, read_frame
 
 
 def _hours(seconds: int) -> str:
@@ -12,7 +12,7 @@ def _hours(seconds: int) -> str:
 
 
 def _rows(sql_name: str, params: dict) -> list[dict]:
-    with raw_connection(engine_for(billing_url())) as connection:
+    with raw_connection(billing_engine()) as connection:
         return read_frame(connection, sql_name, params).to_dict("records")
 
 

@@ -3,17 +3,23 @@ and the `.sql` files. One home for every database concern."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from dagster import ConfigurableResource
 from sqlalchemy.engine import Engine, make_url
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import psycopg
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SQL_DIR = PROJECT_ROOT / "sql"
@@ -104,12 +110,18 @@ def embedded_database_url() -> str:
     return embedded_url()
 
 
-def control_plane_url() -> str:
-    url = os.environ.get("DATABASE_URL")
+def control_plane_url(database_url: str = "") -> str:
+    """The control-plane URL: `database_url` when given, else `DATABASE_URL`, else
+    the embedded server."""
+    url = database_url or os.environ.get("DATABASE_URL")
     return normalize_url(url) if url else embedded_database_url()
 
 
-def billing_url() -> str:
+def billing_url(database_url: str = "", billing_database_url: str = "") -> str:
+    """The billing URL: `billing_database_url`, else `database_url` when given; else
+    `BILLING_DATABASE_URL`, else the control plane's (`DATABASE_URL`, embedded)."""
+    if billing_database_url or database_url:
+        return normalize_url(billing_database_url or database_url)
     url = os.environ.get("BILLING_DATABASE_URL")
     return normalize_url(url) if url else control_plane_url()
 
@@ -172,7 +184,7 @@ def create_control_plane(engine: Engine) -> None:
 
 
 @contextmanager
-def raw_connection(engine: Engine) -> Iterator:
+def raw_connection(engine: Engine) -> Iterator[psycopg.Connection]:
     """A psycopg 3 connection (for COPY) from the engine's pool."""
     connection = engine.raw_connection()
     try:
@@ -185,7 +197,9 @@ def raw_connection(engine: Engine) -> Iterator:
         connection.close()
 
 
-def read_frame(connection, sql_name: str, params: dict | None = None):
+def read_frame(
+    connection: psycopg.Connection, sql_name: str, params: dict | None = None
+) -> pd.DataFrame:
     """Run `sql/<sql_name>` on a psycopg connection → DataFrame (small results)."""
     import pandas as pd
 
@@ -195,14 +209,20 @@ def read_frame(connection, sql_name: str, params: dict | None = None):
         return pd.DataFrame(cursor.fetchall(), columns=columns)
 
 
-def lock_day(cursor, stage: str, usage_date) -> None:
+def lock_day(cursor: psycopg.Cursor, stage: str, usage_date: dt.date) -> None:
     """Per (stage, usage day) transaction lock: concurrent runs of a day queue here."""
     cursor.execute(
         load_sql("partition_lock.sql"), {"stage": stage, "usage_date": usage_date.isoformat()}
     )
 
 
-def replace_day_rows(cursor, stage: str, usage_date, deletes, copies) -> None:
+def replace_day_rows(
+    cursor: psycopg.Cursor,
+    stage: str,
+    usage_date: dt.date,
+    deletes: Iterable[str],
+    copies: Iterable[tuple[str, Iterable[Sequence[object]]]],
+) -> None:
     """Idempotent per partition: under the day's lock, run each `deletes` statement
     for the day, then COPY each (sql name, rows) of `copies` — one transaction, so a
     re-run replaces and never adds."""
@@ -215,6 +235,25 @@ def replace_day_rows(cursor, stage: str, usage_date, deletes, copies) -> None:
                 copy.write_row(row)
 
 
+def control_engine(database_url: str = "") -> Engine:
+    """The control-plane database (`control_plane_url`), connected: the one way to
+    it, for the CLI and (through PostgresResource) the assets."""
+    return engine_for(control_plane_url(database_url))
+
+
+def billing_engine(
+    database_url: str = "", billing_database_url: str = "", *, apply_migrations: bool = True
+) -> Engine:
+    """The billing database (`billing_url`), connected, its migrations applied once
+    per process: the one way to it, for the CLI and (through PostgresResource) the
+    assets. Read-only callers (status, metrics, the CLI's connectivity check) pass
+    `apply_migrations=False`: they never change the schema."""
+    engine = engine_for(billing_url(database_url, billing_database_url))
+    if apply_migrations:
+        _migrated(engine)
+    return engine
+
+
 class PostgresResource(ConfigurableResource):
     """The control-plane database (read) and the billing database (schema `billing`).
 
@@ -225,20 +264,10 @@ class PostgresResource(ConfigurableResource):
     billing_database_url: str = ""
 
     def control_engine(self) -> Engine:
-        return engine_for(
-            normalize_url(self.database_url) if self.database_url else control_plane_url()
-        )
+        return control_engine(self.database_url)
 
     def billing_engine(self) -> Engine:
-        if self.billing_database_url:
-            url = normalize_url(self.billing_database_url)
-        elif self.database_url:
-            url = normalize_url(self.database_url)
-        else:
-            url = billing_url()
-        engine = engine_for(url)
-        _migrated(engine)
-        return engine
+        return billing_engine(self.database_url, self.billing_database_url)
 
 
 _MIGRATED: set[str] = set()

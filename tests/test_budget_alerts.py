@@ -11,9 +11,10 @@ from builders import add_billed, add_heartbeats, add_instance, add_org, at, ever
 from conftest import free_port
 from dagster import materialize
 
+from assets.budget_alerts import alert_crossings, budget_alerts, settle_alerts
 from assets.metering import billed_usage
-from assets.quota import alert_crossings, budget_alerts, quota_usage, settle_alerts
-from pipelines.cli import failure_messages
+from assets.quota import quota_usage
+from pipelines.runner import failure_messages
 from resources.db import PostgresResource
 from resources.notify import SmtpResource
 from resources.settings import RunMode

@@ -15,7 +15,8 @@ from builders import add_billed, add_org
 from dagster import materialize
 from jsonschema import Draft202012Validator
 
-from assets.quota import budget_alerts, quota_usage
+from assets.budget_alerts import budget_alerts
+from assets.quota import quota_usage
 from pipelines.cli import main
 from pipelines.org_report import JSON_SCHEMA
 from resources.db import PostgresResource

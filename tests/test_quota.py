@@ -232,7 +232,7 @@ def test_asset_finance_metadata_and_unknown_plan_blocks(engine):
 
 @pytest.mark.parametrize("bad", ["tier_rates:\n  gpu: -1\n", "plans:\n  free-tier:\n    fee: 1\n"])
 def test_bad_pricing_file_fails_the_step_naming_the_key(engine, tmp_path, monkeypatch, bad):
-    from pipelines.cli import failure_messages
+    from pipelines.runner import failure_messages
 
     path = tmp_path / "pricing.yaml"
     path.write_text(bad)

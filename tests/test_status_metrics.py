@@ -19,8 +19,8 @@ from dagster import AssetMaterialization, DagsterInstance, asset, materialize
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.freshness import AlertCursor, due_day, evaluate_freshness, record_alert
+from pipelines.metrics import build_registry, exposition, metrics_server
 from resources.db import raw_connection
-from resources.metrics import build_registry, exposition, metrics_server
 
 UTC = dt.UTC
 METRIC_NAMES = (

@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
@@ -27,9 +28,13 @@ from prometheus_client.registry import Collector
 from pipelines.freshness import evaluate_freshness, last_reconciliation
 from resources.db import load_sql, raw_connection
 
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
+    from sqlalchemy.engine import Engine
+
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("stripe", "polar")
+PROVIDERS = ("stripe", "polar")  # TODO provider names
 USAGE_PUSH_ASSET = "usage_push"
 _PAGE = 1000
 
@@ -42,8 +47,8 @@ class TallyCollector(Collector):
 
     def __init__(
         self,
-        instance,
-        billing_engine: Callable[[], object] | None,
+        instance: DagsterInstance,
+        billing_engine: Callable[[], Engine] | None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.instance = instance
@@ -158,7 +163,9 @@ class TallyCollector(Collector):
         yield discrepancies
 
 
-def build_registry(instance, billing_engine: Callable[[], object] | None) -> CollectorRegistry:
+def build_registry(
+    instance: DagsterInstance, billing_engine: Callable[[], Engine] | None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TallyCollector(instance, billing_engine))
     return registry
