@@ -1,14 +1,17 @@
 """Metering: instance heartbeats → billed seconds per (org, day, tier), DESIGN §3.
 
-The pure part works on whole-second integers (epoch seconds) in numpy arrays so a
-day of 10,000 instances (~29 M heartbeats with the look-back day) fits in memory
-and runs in seconds. Every interval is half-open [start, end).
+The rules are pure functions on whole-second integers (epoch seconds) in numpy
+arrays, so a day of 10,000 instances (~29 M heartbeats with the look-back day) fits
+in memory and runs in seconds. Every interval is half-open [start, end).
 
-The asset at the bottom wires PostgreSQL to `compute_billed_usage`.
+The thin asset at the bottom wires the extract (`assets.extract`) to
+`compute_in_org_chunks` and writes `billing.billed_usage`. The tiers it bills are
+the priced ones (`Pricing.tier_rates`, `TALLY_PRICING_FILE` included); a heartbeat
+of any other tier is quarantined as `unknown_tier`.
 """
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -21,19 +24,25 @@ from dagster import (
     MetadataValue,
     asset,
 )
+from sqlalchemy.engine import Engine
 
+from assets.config import pricing_or_fail
+from assets.extract import DayExtract, HeartbeatColumns, extract_day
+from assets.markdown import markdown_table
+from assets.pricing import Pricing
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
+from resources.calendar import day_bounds, day_bounds_epoch
 from resources.db import (
     PostgresResource,
-    load_sql,
     raw_connection,
     read_frame,
     replace_day_rows,
 )
 
-SECONDS_PER_DAY = 86_400
-_NAT = np.iinfo(np.int64).min  # NaT as int64 microseconds
+# The tiers the pure functions bill when not told: the default pricing's. The
+# asset passes the configured ones (`Pricing.known_tiers`).
+DEFAULT_KNOWN_TIERS: frozenset[str] = Pricing().known_tiers
 
 QUARANTINE_REASONS = (
     "null_instance_id",
@@ -66,9 +75,6 @@ class MeteringRules:
     default_continuous_limit_s: int = 8 * 3600
     default_daily_limit_s: int = 24 * 3600
     default_idle_timeout_s: int = 30 * 60
-    known_tiers: frozenset[str] = field(
-        default_factory=lambda: frozenset({"small", "medium", "large", "gpu"})
-    )
 
     def lookback_window(
         self, usage_date: dt.date, lookback_span_s: int | None = None
@@ -83,12 +89,9 @@ class MeteringRules:
         org has (`lookback_span_s`). After the day: the next heartbeat can extend a
         session into the day only if it is at most G later."""
         span = lookback_span_s or (self.default_continuous_limit_s + self.default_idle_timeout_s)
-        day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
+        midnight, next_midnight = day_bounds(usage_date)
         margin = dt.timedelta(seconds=span + self.max_gap_s + self.heartbeat_interval_s)
-        return (
-            day_start - margin,
-            day_start + dt.timedelta(days=1, seconds=self.max_gap_s),
-        )
+        return midnight - margin, next_midnight + dt.timedelta(seconds=self.max_gap_s)
 
     def lookback_span_s(self, throttle: pd.DataFrame) -> int:
         """The largest continuous limit + idle timeout of any org (defaults included)."""
@@ -120,11 +123,6 @@ def epoch_seconds(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return seconds, missing
 
 
-def _day_bounds(usage_date: dt.date) -> tuple[int, int]:
-    day_start = int(dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC).timestamp())
-    return day_start, day_start + SECONDS_PER_DAY
-
-
 def _overlap(starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.maximum(0, np.minimum(ends, hi) - np.maximum(starts, lo))
 
@@ -144,7 +142,10 @@ class _InstanceTable:
 
 
 def _instance_table(
-    instances: pd.DataFrame, throttle: pd.DataFrame, rules: MeteringRules
+    instances: pd.DataFrame,
+    throttle: pd.DataFrame,
+    rules: MeteringRules,
+    known_tiers: frozenset[str],
 ) -> _InstanceTable:
     stopped, not_stopped = epoch_seconds(instances["stopped_at"])
     stopped[not_stopped] = np.iinfo(np.int64).max
@@ -162,7 +163,7 @@ def _instance_table(
         ids=instances["instance_id"].to_numpy(dtype=object),
         org=instances["org_id"].to_numpy(dtype=object),
         tier=tiers,
-        tier_known=np.array([tier in rules.known_tiers for tier in tiers], dtype=bool),
+        tier_known=np.array([tier in known_tiers for tier in tiers], dtype=bool),
         stopped_at=stopped,
         continuous_limit=_limit("continuous_limit_s", rules.default_continuous_limit_s),
         daily_limit=_limit("daily_limit_s", rules.default_daily_limit_s),
@@ -200,7 +201,7 @@ def clean_heartbeats(
     """Rule 3.1: quarantine bad rows (those belonging to the day are returned), floor
     to the second, collapse duplicates (active if any copy is). Returns clean
     heartbeats sorted by (instance, sent), the day's quarantine and its duplicate count."""
-    day_start, day_end = _day_bounds(usage_date)
+    day_start, day_end = day_bounds_epoch(usage_date)
     run_second = pd.Timestamp(run_time).as_unit("ns").value // 1_000_000_000
 
     position = _instance_positions(heartbeats["instance_id"], table.ids)
@@ -384,14 +385,19 @@ def compute_billed_usage(
     usage_date: dt.date,
     run_time: dt.datetime,
     rules: MeteringRules | None = None,
+    *,
+    known_tiers: frozenset[str] | None = None,
 ) -> MeteringResult:
     """DESIGN §3 for one UTC day. `heartbeats` may span any days; the result is
-    exact for `usage_date` given the heartbeats of `rules.lookback_window(day)`."""
+    exact for `usage_date` given the heartbeats of `rules.lookback_window(day)`.
+    `known_tiers`: the priced tiers (default: the default pricing's); instances of
+    any other tier are quarantined as `unknown_tier`."""
     rules = rules or MeteringRules()
-    table = _instance_table(instances, throttle, rules)
+    tiers = DEFAULT_KNOWN_TIERS if known_tiers is None else known_tiers
+    table = _instance_table(instances, throttle, rules, tiers)
     clean, quarantine, duplicates = clean_heartbeats(heartbeats, table, usage_date, run_time, rules)
     sessions, pauses, within, over_limit = split_sessions_and_runs(clean, table, rules)
-    day_start, day_end = _day_bounds(usage_date)
+    day_start, day_end = day_bounds_epoch(usage_date)
     instance_count = len(table.ids)
 
     def per_instance(intervals: _Intervals) -> np.ndarray:
@@ -440,90 +446,16 @@ def compute_billed_usage(
     )
 
 
-@dataclass
-class HeartbeatColumns:
-    """Heartbeats as compact columns (≈ 21 bytes a row instead of a DataFrame's
-    objects): `code` indexes `categories` (instance ids; -1 null id), stamps are
-    Unix microseconds (NaT as int64 min), `active` is 1/0/2 (2 = null)."""
-
-    code: np.ndarray
-    sent_us: np.ndarray
-    active: np.ndarray
-    received_us: np.ndarray
-    categories: list[str]
-
-    def __len__(self) -> int:
-        return len(self.code)
-
-    def take(self, rows: np.ndarray) -> "HeartbeatColumns":
-        return HeartbeatColumns(
-            self.code[rows],
-            self.sent_us[rows],
-            self.active[rows],
-            self.received_us[rows],
-            self.categories,
-        )
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "instance_id": pd.Categorical.from_codes(
-                    self.code, categories=pd.Index(self.categories, dtype=object)
-                ),
-                "sent_at": pd.Series(self.sent_us.view("M8[us]")).dt.tz_localize("UTC"),
-                "active": pd.Series(pd.arrays.BooleanArray(self.active == 1, self.active == 2)),
-                "received_at": pd.Series(self.received_us.view("M8[us]")).dt.tz_localize("UTC"),
-            }
-        )
-
-    @staticmethod
-    def from_frame(heartbeats: pd.DataFrame) -> "HeartbeatColumns":
-        ids = heartbeats["instance_id"]
-        categorical = ids if isinstance(ids.dtype, pd.CategoricalDtype) else ids.astype("category")
-        active = heartbeats["active"].astype("boolean")
-        return HeartbeatColumns(
-            code=categorical.cat.codes.to_numpy().astype(np.int32),
-            sent_us=_micros(heartbeats["sent_at"]),
-            active=np.where(active.isna(), 2, active.fillna(False).astype(int)).astype(np.int8),
-            received_us=_micros(heartbeats["received_at"]),
-            categories=[str(value) for value in categorical.cat.categories],
-        )
-
-    @staticmethod
-    def concat(parts: list["HeartbeatColumns"], categories: list[str]) -> "HeartbeatColumns":
-        """Concatenate column by column, freeing each part's column as it goes."""
-        columns = {}
-        for name, dtype in (
-            ("code", np.int32),
-            ("sent_us", np.int64),
-            ("active", np.int8),
-            ("received_us", np.int64),
-        ):
-            columns[name] = (
-                np.concatenate([getattr(part, name) for part in parts])
-                if parts
-                else np.empty(0, dtype)
-            )
-            for part in parts:
-                setattr(part, name, None)
-        return HeartbeatColumns(categories=categories, **columns)
-
-
-def _micros(values: pd.Series) -> np.ndarray:
-    stamps = pd.to_datetime(values, utc=True).dt.as_unit("us")
-    result = stamps.to_numpy(dtype="datetime64[us]").view("int64").copy()
-    result[stamps.isna().to_numpy()] = _NAT
-    return result
-
-
 def compute_in_org_chunks(
-    heartbeats: "HeartbeatColumns | pd.DataFrame",
+    heartbeats: HeartbeatColumns | pd.DataFrame,
     instances: pd.DataFrame,
     throttle: pd.DataFrame,
     usage_date: dt.date,
     run_time: dt.datetime,
     rules: MeteringRules | None = None,
     max_rows_per_chunk: int = 2_000_000,
+    *,
+    known_tiers: frozenset[str] | None = None,
 ) -> MeteringResult:
     """`compute_billed_usage` over groups of whole orgs of at most ~max_rows_per_chunk
     heartbeats each, so working memory stays bounded as instances grow. The daily cap
@@ -557,6 +489,7 @@ def compute_in_org_chunks(
                 usage_date,
                 run_time,
                 rules,
+                known_tiers=known_tiers,
             )
         )
     if len(parts) == 1:
@@ -573,180 +506,11 @@ def compute_in_org_chunks(
 
 
 # ---------------------------------------------------------------------------
-# I/O: extract from the control plane, write billing tables, the asset
+# I/O: write billing tables, checks, the asset (the extract is assets/extract.py)
 # ---------------------------------------------------------------------------
 
-# Binary COPY row of extract_heartbeats_binary.sql: field count, then (length, value)
-# for code int4, sent_at timestamptz, active int2, received_at timestamptz.
-_BINARY_ROW = np.dtype(
-    [
-        ("fields", ">i2"),
-        ("code_len", ">i4"),
-        ("code", ">i4"),
-        ("sent_len", ">i4"),
-        ("sent", ">i8"),
-        ("active_len", ">i4"),
-        ("active", ">i2"),
-        ("received_len", ">i4"),
-        ("received", ">i8"),
-    ]
-)
-_BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in Unix microseconds
-_PARSE_BLOCK = 8 << 20
 
-
-def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[HeartbeatColumns, int]:
-    rows = len(buffer) // _BINARY_ROW.itemsize
-    if final:
-        trailer = bytes(buffer[rows * _BINARY_ROW.itemsize :])
-        if trailer != b"\xff\xff":
-            raise RuntimeError(f"unexpected end of binary COPY stream ({trailer[:8]!r})")
-    block = np.frombuffer(buffer, dtype=_BINARY_ROW, count=rows)
-    if rows and not (
-        (block["fields"] == 4).all()
-        and (block["code_len"] == 4).all()
-        and (block["sent_len"] == 8).all()
-        and (block["active_len"] == 2).all()
-        and (block["received_len"] == 8).all()
-    ):
-        raise RuntimeError("binary COPY rows are not the expected 40-byte layout")
-    columns = HeartbeatColumns(
-        code=block["code"].astype(np.int32),
-        sent_us=block["sent"].astype(np.int64) + _PG_EPOCH_US,
-        active=block["active"].astype(np.int8),
-        received_us=block["received"].astype(np.int64) + _PG_EPOCH_US,
-        categories=[],
-    )
-    del block
-    return columns, rows * _BINARY_ROW.itemsize
-
-
-def _copy_window_part(
-    control_engine, codes: pd.DataFrame, part_start: dt.datetime, part_end: dt.datetime
-) -> tuple[HeartbeatColumns, pd.DataFrame]:
-    """Stream one time slice of the window as binary rows; rows with a null or
-    unknown instance id come back separately as text (usually none)."""
-    params = {"part_start": part_start, "part_end": part_end}
-    parts: list[HeartbeatColumns] = []
-    with raw_connection(control_engine) as connection, connection.cursor() as cursor:
-        cursor.execute(load_sql("extract_codes_table.sql"))
-        with cursor.copy(load_sql("extract_codes_copy.sql")) as copy:
-            for instance_id, code in codes.itertuples(index=False):
-                copy.write_row((instance_id, code))
-        cursor.execute(load_sql("extract_codes_analyze.sql"))
-        buffer = bytearray()
-        header_done = False
-        with cursor.copy(load_sql("extract_heartbeats_binary.sql"), params) as copy:
-            for chunk in copy:
-                buffer += chunk
-                if not header_done and len(buffer) >= 19:
-                    if bytes(buffer[:11]) != _BINARY_SIGNATURE:
-                        raise RuntimeError("not a PostgreSQL binary COPY stream")
-                    extension = int.from_bytes(buffer[15:19], "big")
-                    del buffer[: 19 + extension]
-                    header_done = True
-                if header_done and len(buffer) >= _PARSE_BLOCK:
-                    block, used = _parse_binary_block(buffer, final=False)
-                    parts.append(block)
-                    del buffer[:used]
-        if header_done:
-            block, used = _parse_binary_block(buffer, final=True)
-            parts.append(block)
-        columns = HeartbeatColumns.concat(parts, [])
-        unknown = columns.code < 0
-        text_rows = pd.DataFrame(columns=["instance_id", "sent_at", "active", "received_at"])
-        if unknown.any():
-            stamps = pd.to_datetime(np.unique(columns.sent_us[unknown]), unit="us", utc=True)
-            text_rows = read_frame(
-                connection,
-                "extract_unknown_heartbeats.sql",
-                {**params, "sent_at": list(stamps.to_pydatetime())},
-            )
-            columns = columns.take(np.flatnonzero(~unknown))
-    return columns, text_rows
-
-
-def _text_rows_to_columns(
-    rows: pd.DataFrame, category_index: dict[str, int], categories: list[str]
-) -> HeartbeatColumns:
-    codes = np.empty(len(rows), dtype=np.int32)
-    for position, instance_id in enumerate(rows["instance_id"]):
-        if instance_id is None or (isinstance(instance_id, float) and np.isnan(instance_id)):
-            codes[position] = -1
-            continue
-        code = category_index.get(instance_id)
-        if code is None:
-            code = category_index[instance_id] = len(categories)
-            categories.append(instance_id)
-        codes[position] = code
-
-    active = rows["active"].astype("boolean")
-    return HeartbeatColumns(
-        code=codes,
-        sent_us=_micros(rows["sent_at"]),
-        active=np.where(active.isna(), 2, active.fillna(False).astype(int)).astype(np.int8),
-        received_us=_micros(rows["received_at"]),
-        categories=[],
-    )
-
-
-@dataclass
-class DayExtract:
-    heartbeats: HeartbeatColumns
-    instances: pd.DataFrame
-    throttle: pd.DataFrame
-
-
-def extract_day(
-    control_engine, usage_date: dt.date, run_time: dt.datetime, rules: MeteringRules
-) -> DayExtract:
-    """Instances, throttle settings and the day's heartbeats. The look-back window
-    streams as binary COPY in two time slices on two connections at once (the
-    server formats nothing and both cores work); untrusted rows come as text."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    day_start = dt.datetime.combine(usage_date, dt.time(), tzinfo=dt.UTC)
-    with raw_connection(control_engine) as connection:
-        instances = read_frame(connection, "extract_instances.sql")
-        throttle = read_frame(connection, "extract_throttle.sql")
-        window_start, window_end = rules.lookback_window(
-            usage_date, rules.lookback_span_s(throttle)
-        )
-        untrusted = read_frame(
-            connection,
-            "extract_untrusted_heartbeats.sql",
-            {
-                "window_start": window_start,
-                "window_end": window_end,
-                "future_after": run_time + dt.timedelta(seconds=rules.future_tolerance_s),
-                "day_start": day_start,
-                "day_end": day_start + dt.timedelta(days=1),
-            },
-        )
-    if instances.empty:
-        instances = pd.DataFrame(columns=["instance_id", "org_id", "tier", "status", "stopped_at"])
-    instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
-    categories = instances["instance_id"].astype(str).tolist()
-    category_index = {instance_id: code for code, instance_id in enumerate(categories)}
-    codes = pd.DataFrame({"instance_id": categories, "code": range(len(categories))})
-
-    middle = window_start + (window_end - window_start) / 2
-    slices = [(window_start, middle), (middle, window_end)]
-    with ThreadPoolExecutor(max_workers=len(slices)) as pool:
-        results = list(
-            pool.map(lambda bounds: _copy_window_part(control_engine, codes, *bounds), slices)
-        )
-    parts = [columns for columns, _ in results]
-    for text_rows in [rows for _, rows in results] + [untrusted]:
-        if len(text_rows):
-            parts.append(_text_rows_to_columns(text_rows, category_index, categories))
-    heartbeats = HeartbeatColumns.concat(parts, categories)
-    del parts, results
-    return DayExtract(heartbeats, instances, throttle)
-
-
-def write_billed_usage(billing_engine, usage_date: dt.date, result: MeteringResult) -> None:
+def write_billed_usage(billing_engine: Engine, usage_date: dt.date, result: MeteringResult) -> None:
     """Replace the day's rows in one transaction (a re-run replaces, never adds)."""
     quarantine_rows = (
         (usage_date, *(None if pd.isna(value) else value for value in row))
@@ -765,21 +529,38 @@ def write_billed_usage(billing_engine, usage_date: dt.date, result: MeteringResu
         )
 
 
+def read_billed_usage(billing_engine: Engine, usage_date: dt.date) -> pd.DataFrame:
+    """The day's rows as stored (the checks run on what was written)."""
+    with raw_connection(billing_engine) as connection:
+        stored = read_frame(connection, "read_billed_usage.sql", {"usage_date": usage_date})
+    if stored.empty:
+        stored = pd.DataFrame(columns=BILLED_COLUMNS).astype({c: "int64" for c in SECONDS_COLUMNS})
+    return stored
+
+
+# Preview column → billed_usage column (hours, two decimals).
+_PREVIEW_HOURS = {
+    "runtime h": "runtime_seconds",
+    "billable h": "billable_seconds",
+    "idle h": "idle_paused_seconds",
+    "over cont. h": "over_continuous_seconds",
+    "over daily h": "over_daily_seconds",
+}
+
+
 def _markdown_preview(billed: pd.DataFrame, limit: int = 15) -> str:
-    if billed.empty:
-        return "_no usage on this day_"
+    """The day's largest rows by billable seconds."""
     top = billed.sort_values("billable_seconds", ascending=False).head(limit)
-    lines = [
-        "| org | tier | runtime h | billable h | idle h | over cont. h | over daily h |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in top.itertuples(index=False):
-        lines.append(
-            f"| {row.org_id} | {row.tier} | {row.runtime_seconds / 3600:.2f} | "
-            f"{row.billable_seconds / 3600:.2f} | {row.idle_paused_seconds / 3600:.2f} | "
-            f"{row.over_continuous_seconds / 3600:.2f} | {row.over_daily_seconds / 3600:.2f} |"
-        )
-    return "\n".join(lines)
+    rows = (
+        [row["org_id"], row["tier"], *(f"{row[c] / 3600:.2f}" for c in _PREVIEW_HOURS.values())]
+        for row in top.to_dict("records")
+    )
+    return markdown_table(
+        ["org", "tier", *_PREVIEW_HOURS],
+        rows,
+        numeric=_PREVIEW_HOURS,
+        empty="_no usage on this day_",
+    )
 
 
 def billed_usage_checks(
@@ -802,6 +583,57 @@ def billed_usage_checks(
             {"orgs_over_limit": over_cap.index.tolist()[:20]},
         ),
         "no_negative_seconds": (not negative.any(), {"negative_rows": int(negative.sum())}),
+    }
+
+
+def _check_results(
+    stored: pd.DataFrame,
+    extract: DayExtract,
+    result: MeteringResult,
+    rules: MeteringRules,
+    known_tiers: frozenset[str],
+) -> list[AssetCheckResult]:
+    """The invariants, the Great Expectations suites (against the priced tiers) on
+    a sample of the extract and on the stored rows, and the quarantine warning."""
+    from assets.quality import great_expectations_checks
+
+    checks = [
+        AssetCheckResult(check_name=name, passed=passed, metadata=details)
+        for name, (passed, details) in billed_usage_checks(stored, extract.throttle, rules).items()
+    ]
+    checks += great_expectations_checks(extract.heartbeats, extract.instances, stored, known_tiers)
+    reasons = result.quarantine["reason"].value_counts().to_dict()
+    checks.append(
+        AssetCheckResult(
+            check_name="no_quarantined_heartbeats",
+            passed=not reasons,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "quarantined": len(result.quarantine),
+                **{f"quarantined_{reason}": int(n) for reason, n in reasons.items()},
+            },
+        )
+    )
+    return checks
+
+
+def _materialization_metadata(
+    usage_date: dt.date, stored: pd.DataFrame, extract: DayExtract, result: MeteringResult
+) -> dict:
+    hours = {column: float(stored[column].sum()) / 3600 for column in SECONDS_COLUMNS}
+    return {
+        "usage_date": usage_date.isoformat(),
+        "rows": len(stored),
+        "orgs": int(stored["org_id"].nunique()),
+        "heartbeats_extracted": len(extract.heartbeats),
+        "duplicates_collapsed": result.duplicates_collapsed,
+        "quarantined": len(result.quarantine),
+        "runtime_hours": MetadataValue.float(round(hours["runtime_seconds"], 3)),
+        "billable_hours": MetadataValue.float(round(hours["billable_seconds"], 3)),
+        "idle_paused_hours": MetadataValue.float(round(hours["idle_paused_seconds"], 3)),
+        "over_continuous_hours": MetadataValue.float(round(hours["over_continuous_seconds"], 3)),
+        "over_daily_hours": MetadataValue.float(round(hours["over_daily_seconds"], 3)),
+        "preview": MetadataValue.md(_markdown_preview(stored)),
     }
 
 
@@ -829,73 +661,25 @@ def billed_usage_checks(
     description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
 )
 def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
-    from assets.quality import EXTRACT_SAMPLE_ROWS, validate_billed, validate_extract
-
     usage_date = partition_day(context.partition_key)
+    known_tiers = pricing_or_fail().known_tiers  # a bad pricing file fails here, not retried
     run_time = dt.datetime.now(dt.UTC)
     rules = MeteringRules()
     extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
     context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
-    extract_sample = extract.heartbeats.take(
-        np.arange(min(len(extract.heartbeats), EXTRACT_SAMPLE_ROWS))
-    )
     result = compute_in_org_chunks(
-        extract.heartbeats, extract.instances, extract.throttle, usage_date, run_time, rules
+        extract.heartbeats,
+        extract.instances,
+        extract.throttle,
+        usage_date,
+        run_time,
+        rules,
+        known_tiers=known_tiers,
     )
     billing_engine = postgres.billing_engine()
     write_billed_usage(billing_engine, usage_date, result)
-    with raw_connection(billing_engine) as connection:
-        stored = read_frame(connection, "read_billed_usage.sql", {"usage_date": usage_date})
-    if stored.empty:
-        stored = pd.DataFrame(columns=BILLED_COLUMNS).astype({c: "int64" for c in SECONDS_COLUMNS})
-
-    checks = [
-        AssetCheckResult(check_name=name, passed=passed, metadata=details)
-        for name, (passed, details) in billed_usage_checks(stored, extract.throttle, rules).items()
-    ]
-    for outcome, name in (
-        (
-            validate_extract(extract_sample.to_frame(), extract.instances, rules.known_tiers),
-            "great_expectations_extract",
-        ),
-        (validate_billed(stored, rules.known_tiers), "great_expectations_output"),
-    ):
-        checks.append(
-            AssetCheckResult(
-                check_name=name,
-                passed=outcome.success,
-                metadata={"expectations": outcome.evaluated, "failed": ", ".join(outcome.failed)},
-            )
-        )
-    reasons = result.quarantine["reason"].value_counts().to_dict()
-    checks.append(
-        AssetCheckResult(
-            check_name="no_quarantined_heartbeats",
-            passed=not reasons,
-            severity=AssetCheckSeverity.WARN,
-            metadata={
-                "quarantined": len(result.quarantine),
-                **{f"quarantined_{reason}": int(n) for reason, n in reasons.items()},
-            },
-        )
-    )
-    hours = {column: float(stored[column].sum()) / 3600 for column in SECONDS_COLUMNS}
+    stored = read_billed_usage(billing_engine, usage_date)
     return MaterializeResult(
-        metadata={
-            "usage_date": usage_date.isoformat(),
-            "rows": len(stored),
-            "orgs": int(stored["org_id"].nunique()),
-            "heartbeats_extracted": len(extract.heartbeats),
-            "duplicates_collapsed": result.duplicates_collapsed,
-            "quarantined": len(result.quarantine),
-            "runtime_hours": MetadataValue.float(round(hours["runtime_seconds"], 3)),
-            "billable_hours": MetadataValue.float(round(hours["billable_seconds"], 3)),
-            "idle_paused_hours": MetadataValue.float(round(hours["idle_paused_seconds"], 3)),
-            "over_continuous_hours": MetadataValue.float(
-                round(hours["over_continuous_seconds"], 3)
-            ),
-            "over_daily_hours": MetadataValue.float(round(hours["over_daily_seconds"], 3)),
-            "preview": MetadataValue.md(_markdown_preview(stored)),
-        },
-        check_results=checks,
+        metadata=_materialization_metadata(usage_date, stored, extract, result),
+        check_results=_check_results(stored, extract, result, rules, known_tiers),
     )

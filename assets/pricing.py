@@ -56,6 +56,11 @@ class Pricing:
                 f"no rate for tier {tier!r}; add it under tier_rates in TALLY_PRICING_FILE"
             ) from None
 
+    @property
+    def known_tiers(self) -> frozenset[str]:
+        """The tiers tally meters and bills: exactly those with a rate."""
+        return frozenset(self.tier_rates)
+
     def plan(self, name: str) -> Plan:
         try:
             return self.plans[name]

@@ -1,7 +1,9 @@
 """Great Expectations suites on metering's extract and output.
 
 GE validates DataFrames in memory (ephemeral context, no files). The extract is
-validated on a bounded sample so a 29 M-row day costs milliseconds, not minutes."""
+validated on a bounded sample so a 29 M-row day costs milliseconds, not minutes.
+Tier expectations take the known tiers as a parameter: the priced ones
+(`Pricing.known_tiers`), never a list of their own."""
 
 from __future__ import annotations
 
@@ -9,8 +11,15 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from dagster import AssetCheckResult
+
+    from assets.extract import HeartbeatColumns
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 EXTRACT_SAMPLE_ROWS = 50_000
@@ -121,3 +130,28 @@ def validate_billed(billed: pd.DataFrame, known_tiers: frozenset[str]) -> SuiteO
     ]
     frame = billed.drop(columns=["usage_date"], errors="ignore")
     return _validate("metering_output", frame, expectations)
+
+
+def great_expectations_checks(
+    heartbeats: HeartbeatColumns,
+    instances: pd.DataFrame,
+    billed: pd.DataFrame,
+    known_tiers: frozenset[str],
+) -> list[AssetCheckResult]:
+    """billed_usage's two suites as asset check results: the extract (its first
+    EXTRACT_SAMPLE_ROWS heartbeats) and the stored rows, against `known_tiers`."""
+    from dagster import AssetCheckResult
+
+    sample = heartbeats.take(np.arange(min(len(heartbeats), EXTRACT_SAMPLE_ROWS)))
+    outcomes = (
+        ("great_expectations_extract", validate_extract(sample.to_frame(), instances, known_tiers)),
+        ("great_expectations_output", validate_billed(billed, known_tiers)),
+    )
+    return [
+        AssetCheckResult(
+            check_name=name,
+            passed=outcome.success,
+            metadata={"expectations": outcome.evaluated, "failed": ", ".join(outcome.failed)},
+        )
+        for name, outcome in outcomes
+    ]

@@ -20,12 +20,14 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 DAY = 86_400
+# The spec's default tiers (the default pricing's); callers may pass others.
+DEFAULT_TIERS = frozenset({"small", "medium", "large", "gpu"})
 
 PAUSED = "idle_paused"
 OVER_CONTINUOUS = "over_continuous"
@@ -56,9 +58,6 @@ class ReferenceRules:
     default_continuous_limit_s: int = 8 * 3600
     default_daily_limit_s: int = 24 * 3600
     default_idle_timeout_s: int = 30 * 60
-    known_tiers: frozenset[str] = field(
-        default_factory=lambda: frozenset({"small", "medium", "large", "gpu"})
-    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,8 @@ def reference_billed_usage(
     usage_date: dt.date,
     run_time: dt.datetime,
     rules: Any = None,
+    *,
+    known_tiers: frozenset[str] = DEFAULT_TIERS,
 ) -> ReferenceResult:
     rules = ReferenceRules() if rules is None else rules
     H = rules.heartbeat_interval_s
@@ -197,7 +198,7 @@ def reference_billed_usage(
             reason = "null_sent_at"
         elif info is None:
             reason = "unknown_instance"
-        elif info[1] not in rules.known_tiers:
+        elif info[1] not in known_tiers:
             reason = "unknown_tier"
         elif sent > run_s + rules.future_tolerance_s:
             reason = "future"
