@@ -166,16 +166,18 @@ def _last_alert() -> tuple[dict | None, str | None]:
 
 
 def _alert_line(alert: dict | None, problem: str | None) -> str:
+    from pipelines.freshness import AlertDelivery
+
     if problem:
         return f"unknown ({problem})"
     if not alert:
         return "none recorded"
     state = alert["state"].upper()
-    if alert["status"] == "sent":
+    if alert["status"] == AlertDelivery.SENT:
         return f"{state} at {alert['sent_at']} via {', '.join(alert['channels'])}"
-    if alert["status"] == "logged":
+    if alert["status"] == AlertDelivery.LOGGED:
         return f"{state} at {alert['sent_at']}, logged only (no SMTP / webhook configured)"
-    if alert["status"] == "superseded":
+    if alert["status"] == AlertDelivery.SUPERSEDED:
         return f"{state} at {alert['detected_at']}, not sent: recovered before delivery"
     return (
         f"{state} since {alert['detected_at']}, delivery FAILING after {alert['attempts']} "

@@ -16,13 +16,32 @@ import datetime as dt
 import json
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 RECONCILIATION_ASSET = "reconciliation"
 MAX_AGE = dt.timedelta(hours=24)
 DEADLINE = dt.time(6, 0)  # UTC, on the day after the usage day
 
-FRESH, STALE = "fresh", "stale"
+
+
+class FreshnessState(StrEnum):
+    """billing.freshness_alerts.state."""
+
+    FRESH = "fresh"
+    STALE = "stale"
+
+
+class AlertDelivery(StrEnum):
+    """billing.freshness_alerts.status: how an alert went out."""
+
+    SENT = "sent"
+    LOGGED = "logged"  # no SMTP / webhook configured
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # recovered before it was delivered
+
+
+FRESH, STALE = FreshnessState.FRESH, FreshnessState.STALE
 
 
 @dataclass(frozen=True)
@@ -352,9 +371,9 @@ def cursor_from_history(alert: dict[str, Any] | None) -> AlertCursor:
         return AlertCursor()
     state = alert["state"]
     other = FRESH if state == STALE else STALE
-    if alert["status"] == "failed":
+    if alert["status"] == AlertDelivery.FAILED:
         return AlertCursor(other, state, list(alert.get("channels") or []), alert["alert_id"])
-    if alert["status"] == "superseded":
+    if alert["status"] == AlertDelivery.SUPERSEDED:
         return AlertCursor(other, None, [], None)
     return AlertCursor(state, None, [], alert["alert_id"])
 

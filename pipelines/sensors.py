@@ -25,6 +25,7 @@ from dagster import (
 from pipelines.freshness import (
     RECONCILIATION_ASSET,
     AlertCursor,
+    AlertDelivery,
     Freshness,
     after_delivery,
     alert_text,
@@ -122,7 +123,11 @@ def check_and_alert(
     failed = bool(errors)
     new_cursor = after_delivery(step, delivered, failed)
     all_channels = sorted(set(step.cursor.delivered) | set(delivered))
-    status = "failed" if failed else ("sent" if all_channels else "logged")
+    status = (
+        AlertDelivery.FAILED
+        if failed
+        else (AlertDelivery.SENT if all_channels else AlertDelivery.LOGGED)
+    )
     alert_id = connection_source.run(
         lambda c: record_alert(
             c,

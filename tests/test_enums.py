@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from assets.credits import EscalationLevel, ProposalStatus
 from assets.discrepancy import DiscrepancyKind
+from pipelines.freshness import AlertDelivery, FreshnessState
 
 
 def allowed_values(engine: sa.Engine, table: str, column: str) -> set[str]:
@@ -37,6 +38,8 @@ def allowed_values(engine: sa.Engine, table: str, column: str) -> set[str]:
         (DiscrepancyKind, "billing.discrepancies", "kind"),
         (ProposalStatus, "billing.credit_proposals", "status"),
         (EscalationLevel, "billing.credit_proposals", "escalation"),
+        (FreshnessState, "billing.freshness_alerts", "state"),
+        (AlertDelivery, "billing.freshness_alerts", "status"),
     ],
 )
 def test_enum_matches_check_constraint(
