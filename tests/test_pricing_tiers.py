@@ -216,3 +216,41 @@ def test_bad_pricing_file_fails_billed_usage_once_with_one_line(engine, pricing_
     assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types
     assert event_types.count(DagsterEventType.STEP_FAILURE) == 1
     assert billed_rows(engine, DAY) == []
+
+
+PRICING_READERS = [
+    "billed_usage",
+    "provider_usage",
+    "reconciliation",
+    "credit_proposals",
+    "quota_usage",
+    "budget_alerts",
+]
+
+
+@pytest.mark.parametrize("asset_key", PRICING_READERS)
+def test_every_asset_that_reads_pricing_fails_once_with_the_same_line(
+    engine, pricing_file, providers_env, smtp_server, asset_key
+):
+    """One policy for configuration errors: whichever asset reads a bad pricing file
+    fails its step at once (never retried) with the same one-line message."""
+    from dagster import AssetKey
+
+    from pipelines.runner import failure_messages
+
+    pricing_file("tier_rates:\n  xlarge: -4\n")
+    add_org(engine, "org-a")
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        partition_key=DAY.isoformat(),
+        asset_selection=[AssetKey(asset_key)],
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert failure_messages(result) == [
+        (asset_key, "pricing configuration: tier_rates.xlarge = -4 must be a non-negative number")
+    ]
+    event_types = [event.event_type for event in result.all_events]
+    assert event_types.count(DagsterEventType.STEP_START) == 1
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types
