@@ -28,6 +28,7 @@ import html
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
 import pandas as pd
 import psycopg
@@ -269,7 +270,7 @@ def settle_and_send(
     actions = settle_alerts(ledger, now, mail_enabled=smtp.configured())
     rows = {(r.org_id, r.month, int(r.threshold)): r for r in ledger.itertuples(index=False)}
     by_org = {row.org_id: row for row in orgs.itertuples(index=False)}
-    stats = dict.fromkeys((outcome.value for outcome in OUTCOMES), 0)
+    stats: dict[str, Any] = dict.fromkeys((outcome.value for outcome in OUTCOMES), 0)
     errors: list[str] = []
     consecutive_failures = 0
     for action in actions.itertuples(index=False):
@@ -393,7 +394,9 @@ def budget_alerts(
             connection.commit()
 
     errors = stats.pop("errors")
-    metadata = {key: MetadataValue.int(int(value)) for key, value in stats.items()}
+    metadata: dict[str, Any] = {
+        key: MetadataValue.int(int(value)) for key, value in stats.items()
+    }
     metadata["thresholds_reached"] = MetadataValue.int(len(crossings))
     metadata["smtp_configured"] = MetadataValue.bool(smtp.configured())
     if errors:

@@ -372,7 +372,7 @@ def apply_daily_cap(
         row_start, row_end = start[rows], end[rows]
         billed = np.maximum(0, np.minimum(row_end, cap_second) - row_start)
         in_second = np.flatnonzero((row_start <= cap_second) & (row_end > cap_second))
-        by_id = sorted(in_second, key=lambda position: instance_id[rows[position]].encode())
+        by_id = sorted(in_second, key=lambda position: str(instance_id[rows[position]]).encode())
         billed[by_id[:extra]] += 1
         billable[rows] = billed
     return billable

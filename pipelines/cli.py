@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Re-exported until tests/test_push_faults.py imports it from pipelines.runner.
 from pipelines.runner import failure_messages as failure_messages
@@ -22,7 +23,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints usage + exits 2; keep one line
+    def error(self, message: str) -> NoReturn:  # argparse prints usage + exits 2; keep one line
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -209,14 +210,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return code
     last = freshness.as_json()
     age = ""
-    if freshness.last_success_at:
+    if freshness.last_success_at and freshness.checked_at:
         hours = (freshness.checked_at - freshness.last_success_at).total_seconds() / 3600
         age = f" ({hours:.1f} h ago)"
     label = "NEVER RUN" if freshness.never_run else freshness.state.upper()
     print(f"reconciliation: {label}")
     print(f"  last success:  {last['last_success_at'] or 'never'}{age}")
     if facts.duration_seconds is not None:
-        print(f"  run duration:  {facts.duration_seconds:.1f} s (run {facts.run_id[:8]})")
+        print(f"  run duration:  {facts.duration_seconds:.1f} s (run {(facts.run_id or '')[:8]})")
     print(f"  newest day:    {last['newest_day'] or 'none'}")
     print(f"  due day:       {last['due_day']} (reconciled by 06:00 UTC the day after)")
     for reason in freshness.reasons:
@@ -315,12 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     seed_parser = commands.add_parser("seed", help="synthetic control-plane data")
-    try:
-        from pipelines.seed import add_cli_arguments
-    except ImportError:  # pragma: no cover - seed module is part of the package
-        add_cli_arguments = None
-    if add_cli_arguments:
-        add_cli_arguments(seed_parser)
+    from pipelines.seed import add_cli_arguments
+
+    add_cli_arguments(seed_parser)
     seed_parser.set_defaults(handler=cmd_seed)
 
     ui = commands.add_parser("ui", help="Dagster UI (and daemon) on this code location")

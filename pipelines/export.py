@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 from typing import IO
 
+import psycopg
 from sqlalchemy import Engine
 
 from resources.db import load_sql, raw_connection
@@ -36,10 +37,14 @@ def export_discrepancies(
             header_written = False
             for row in cursor:
                 if not header_written:
-                    writer.writerow([column.name for column in cursor.description])
+                    writer.writerow(_header(cursor))
                     header_written = True
                 writer.writerow([_csv_value(value) for value in row])
                 count += 1
             if not header_written:
-                writer.writerow([column.name for column in cursor.description])
+                writer.writerow(_header(cursor))
     return count
+
+
+def _header(cursor: psycopg.Cursor) -> list[str]:
+    return [column.name for column in cursor.description or ()]

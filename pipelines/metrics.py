@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
@@ -109,7 +109,8 @@ class TallyCollector(Collector):
                     for provider in PROVIDERS:
                         value = metadata.get(f"{provider}_errors")
                         if value is not None:
-                            self._errors[provider] += int(getattr(value, "value", value) or 0)
+                            raw: Any = getattr(value, "value", value)
+                            self._errors[provider] += int(raw or 0)
                 if page.records:
                     self._errors_cursor = page.cursor
                 if not page.has_more:
@@ -143,12 +144,13 @@ class TallyCollector(Collector):
 
                     def exists(table: str) -> bool:
                         cursor.execute(load_sql("metrics_table_exists.sql"), {"table": table})
-                        return bool(cursor.fetchone()[0])
+                        row = cursor.fetchone()
+                        return bool(row and row[0])
 
                     count = 0.0
                     if exists("billing.usage_push_ledger"):  # absent until the first migrate
                         cursor.execute(load_sql("metrics_push_pending.sql"))
-                        count = float(cursor.fetchone()[0])
+                        count = float((cursor.fetchone() or (0,))[0])
                     pending.add_metric([], count)
                     if exists("billing.discrepancies"):
                         cursor.execute(load_sql("metrics_discrepancies.sql"))

@@ -309,9 +309,8 @@ def _alert_items(alerts: pd.DataFrame) -> list[dict]:
 
 
 def _discrepancies_section(rows: _MonthRows) -> dict:
-    details = (
-        [row.detail for row in rows.discrepancies.itertuples(index=False)] if rows.tracked else []
-    )
+    found = rows.discrepancies if rows.tracked else None
+    details = [] if found is None else [row.detail for row in found.itertuples(index=False)]
     open_items = [
         {
             "usage_date": str(detail.get("usage_date"))[:10],

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import sqlalchemy as sa
 from dagster import ConfigurableResource
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SQL_DIR = PROJECT_ROOT / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
-BILLING_SCHEMA = "billing"
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ def raw_connection(engine: Engine) -> Iterator[psycopg.Connection]:
     """A psycopg 3 connection (for COPY) from the engine's pool."""
     connection = engine.raw_connection()
     try:
-        yield connection.driver_connection
+        yield cast("psycopg.Connection", connection.driver_connection)
         connection.commit()
     except BaseException:
         connection.rollback()
@@ -205,7 +204,7 @@ def read_frame(
 
     with connection.cursor() as cursor:
         cursor.execute(load_sql(sql_name), params or {})
-        columns = [column.name for column in cursor.description]
+        columns = [column.name for column in cursor.description or ()]
         return pd.DataFrame(cursor.fetchall(), columns=columns)
 
 

@@ -84,11 +84,10 @@ def _admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
 
 @_admin
 async def usage(request: Request) -> tuple[int, Any]:
-    date = request.query_params.get("date")
-    _parse_date(date, "date")
+    day = _parse_date(request.query_params.get("date"), "date")
     state = _state(request)
     with state.lock:
-        return 200, state.usage.for_date(date)
+        return 200, state.usage.for_date(day.strftime("%Y-%m-%d"))
 
 
 @_admin
@@ -112,10 +111,11 @@ async def add_events(request: Request) -> tuple[int, Any]:
         if not isinstance(tier, str) or not tier:
             raise _bad(f"{where}.tier: expected a non-empty string")
         seconds = item.get("seconds")
-        if isinstance(seconds, bool) or as_int(seconds) is None:
+        whole = None if isinstance(seconds, bool) else as_int(seconds)
+        if whole is None:
             raise _bad(f"{where}.seconds: expected an integer")
         day = _parse_date(item.get("date"), f"{where}.date")
-        rows.append((provider, customer, tier, int(seconds), day))
+        rows.append((provider, customer, tier, whole, day))
     state = _state(request)
     with state.lock:
         for provider, customer, tier, seconds, day in rows:

@@ -296,8 +296,9 @@ class PolarStore:
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         now = iso(self.state.now())
-        customer = {
-            "id": str(uuid.uuid4()),
+        customer_id = str(uuid.uuid4())
+        customer: dict[str, Any] = {
+            "id": customer_id,
             "created_at": now,
             "modified_at": None,
             "metadata": metadata or {},
@@ -316,12 +317,12 @@ class PolarStore:
             "first_user_event_at": None,
             "avatar_url": None,
         }
-        self.customers[customer["id"]] = customer
-        self.customer_order.append(customer["id"])
+        self.customers[customer_id] = customer
+        self.customer_order.append(customer_id)
         if external_id is not None:
-            self.by_external[external_id] = customer["id"]
+            self.by_external[external_id] = customer_id
         if email is not None:
-            self.by_email[email.lower()] = customer["id"]
+            self.by_email[email.lower()] = customer_id
         return customer
 
     def customer_for_key(self, key: str) -> dict[str, Any] | None:
@@ -1035,7 +1036,7 @@ def h_quantities(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
         meter,
         bounds["start_timestamp"],
         bounds["end_timestamp"],
-        interval,
+        str(interval),  # validated against INTERVALS above
         keys,
         customer_func,
     )

@@ -326,16 +326,16 @@ class StripeStore:
                 code="meter_event_no_customer_defined",
                 param=f"payload[{customer_key}]",
             )
-        if meter["default_aggregation"]["formula"] == "count":
-            value = 1
-        else:
-            value = as_int(payload.get(value_key))
-            if value is None:
+        value = 1
+        if meter["default_aggregation"]["formula"] != "count":
+            given = as_int(payload.get(value_key))
+            if given is None:
                 raise stripe_error(
                     f"payload[{value_key}] must be a whole number, got {payload.get(value_key)!r}.",
                     code="meter_event_invalid_value",
                     param=f"payload[{value_key}]",
                 )
+            value = given
         event = MeterEvent(
             identifier=identifier,
             event_name=event_name,
