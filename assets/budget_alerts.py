@@ -243,7 +243,7 @@ def _mark(
 ) -> None:
     org_id, month, threshold = key
     connection.execute(
-        load_sql("budget_mark.sql"),
+        load_sql("budget_alerts/mark.sql"),
         {
             "org_id": org_id,
             "month": month,
@@ -265,7 +265,7 @@ def settle_and_send(
 ) -> dict:
     """Settle every open ledger row and send what is owed, on a connection that holds
     the budget_alerts lock. Returns counts by outcome and the SMTP errors."""
-    ledger = read_frame(connection, "budget_open.sql")
+    ledger = read_frame(connection, "budget_alerts/open.sql")
     connection.commit()
     actions = settle_alerts(ledger, now, mail_enabled=smtp.configured())
     rows = {(r.org_id, r.month, int(r.threshold)): r for r in ledger.itertuples(index=False)}
@@ -349,13 +349,13 @@ def budget_alerts(
     usage_date = partition_day(context.partition_key)
     billing_engine = postgres.billing_engine()
     with raw_connection(billing_engine) as connection:
-        quota = read_frame(connection, "budget_quota_day.sql", {"usage_date": usage_date})
+        quota = read_frame(connection, "budget_alerts/quota_day.sql", {"usage_date": usage_date})
     crossings = alert_crossings(quota)
 
     if run_mode.report_only:
         with raw_connection(billing_engine) as connection:
             known = read_frame(
-                connection, "budget_known.sql", {"months": [month_start(usage_date)]}
+                connection, "budget_alerts/known.sql", {"months": [month_start(usage_date)]}
             )
         seen = {(r.org_id, r.month, int(r.threshold)) for r in known.itertuples(index=False)}
         due = [
@@ -373,12 +373,12 @@ def budget_alerts(
     orgs = read_orgs(postgres)
     emails = dict(zip(orgs["org_id"], orgs["billing_email"], strict=True))
     with raw_connection(billing_engine) as connection:
-        connection.execute(load_sql("budget_lock.sql"))
+        connection.execute(load_sql("budget_alerts/lock.sql"))
         connection.commit()
         try:
             with connection.cursor() as cursor:
                 cursor.executemany(
-                    load_sql("budget_insert.sql"),
+                    load_sql("budget_alerts/insert.sql"),
                     [
                         {**row._asdict(), "recipient": emails.get(row.org_id) or None}
                         for row in crossings.itertuples(index=False)
@@ -390,7 +390,7 @@ def budget_alerts(
             )
         finally:
             connection.rollback()
-            connection.execute(load_sql("budget_unlock.sql"))
+            connection.execute(load_sql("budget_alerts/unlock.sql"))
             connection.commit()
 
     errors = stats.pop("errors")

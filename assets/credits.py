@@ -314,7 +314,7 @@ def _proposals_markdown(proposals: pd.DataFrame, limit: int = 20) -> str:
 
 def _orgs(postgres: PostgresResource) -> pd.DataFrame:
     with raw_connection(postgres.control_engine()) as connection:
-        orgs = read_frame(connection, "provider_usage_orgs.sql")
+        orgs = read_frame(connection, "provider_usage/orgs.sql")
     if orgs.empty:
         orgs = pd.DataFrame(columns=["org_id", "provider", "provider_customer_id"])
     return orgs
@@ -341,21 +341,21 @@ def credit_proposals(
     with raw_connection(postgres.billing_engine()) as connection:
         with connection.cursor() as cursor:
             lock_day(cursor, "credit_proposals", usage_date)
-        discrepancies = read_frame(connection, "reconcile_read.sql", params)
-        existing = read_frame(connection, "credits_day.sql", params)
+        discrepancies = read_frame(connection, "credits/day_discrepancies.sql", params)
+        existing = read_frame(connection, "credits/day.sql", params)
         candidates = credit_candidates(discrepancies, existing, pricing)
         upserts, updates, withdraw = plan_proposals(usage_date, candidates, existing, orgs, pricing)
         with connection.cursor() as cursor:
             if upserts:
-                cursor.executemany(load_sql("credits_upsert.sql"), upserts)
+                cursor.executemany(load_sql("credits/upsert.sql"), upserts)
             if updates:
-                cursor.executemany(load_sql("credits_update.sql"), updates)
+                cursor.executemany(load_sql("credits/update.sql"), updates)
             if withdraw:
                 cursor.executemany(
-                    load_sql("credits_withdraw.sql"), [{"proposal_id": pid} for pid in withdraw]
+                    load_sql("credits/withdraw.sql"), [{"proposal_id": pid} for pid in withdraw]
                 )
         connection.commit()
-        stored = read_frame(connection, "credits_day.sql", params)
+        stored = read_frame(connection, "credits/day.sql", params)
     if stored.empty:
         stored = pd.DataFrame(columns=PROPOSAL_COLUMNS)
     open_ = stored[stored["status"] == ProposalStatus.PROPOSED]
@@ -399,7 +399,7 @@ def apply_proposal(
     """Apply one proposal under its row lock → (outcome, detail). Outcomes: applied,
     manual, already, skipped. Raises ProviderError (the transaction is rolled back)."""
     with connection.cursor() as cursor:
-        cursor.execute(load_sql("credits_lock.sql"), {"proposal_id": proposal_id})
+        cursor.execute(load_sql("credits/lock.sql"), {"proposal_id": proposal_id})
         found = cursor.fetchone()
         if found is None:
             connection.rollback()
@@ -436,7 +436,7 @@ def apply_proposal(
         reason = f"{reason} [{result.note}]"
     with connection.cursor() as cursor:
         cursor.execute(
-            load_sql("credits_insert_correction.sql"),
+            load_sql("credits/insert_correction.sql"),
             {
                 "proposal_id": proposal_id,
                 "org_id": proposal["org_id"],
@@ -453,7 +453,7 @@ def apply_proposal(
             },
         )
         cursor.execute(
-            load_sql("credits_mark.sql"),
+            load_sql("credits/mark.sql"),
             {
                 "proposal_id": proposal_id,
                 "status": outcome,

@@ -154,11 +154,11 @@ def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[HeartbeatColumn
 
 def _load_instance_codes(cursor: psycopg.Cursor, codes: pd.DataFrame) -> None:
     """The temporary (instance_id → code) table the binary extract joins on."""
-    cursor.execute(load_sql("extract_codes_table.sql"))
-    with cursor.copy(load_sql("extract_codes_copy.sql")) as copy:
+    cursor.execute(load_sql("extract/codes_table.sql"))
+    with cursor.copy(load_sql("extract/codes_copy.sql")) as copy:
         for instance_id, code in codes.itertuples(index=False):
             copy.write_row((instance_id, code))
-    cursor.execute(load_sql("extract_codes_analyze.sql"))
+    cursor.execute(load_sql("extract/codes_analyze.sql"))
 
 
 def _read_binary_copy(cursor: psycopg.Cursor, params: dict) -> list[HeartbeatColumns]:
@@ -166,7 +166,7 @@ def _read_binary_copy(cursor: psycopg.Cursor, params: dict) -> list[HeartbeatCol
     parts: list[HeartbeatColumns] = []
     buffer = bytearray()
     header_done = False
-    with cursor.copy(load_sql("extract_heartbeats_binary.sql"), params) as copy:
+    with cursor.copy(load_sql("extract/heartbeats_binary.sql"), params) as copy:
         for chunk in copy:
             buffer += chunk
             if not header_done and len(buffer) >= 19:
@@ -200,7 +200,7 @@ def _copy_window_part(
             stamps = pd.to_datetime(np.unique(columns.sent_us[unknown]), unit="us", utc=True)
             text_rows = read_frame(
                 connection,
-                "extract_unknown_heartbeats.sql",
+                "extract/unknown_heartbeats.sql",
                 {**params, "sent_at": list(stamps.to_pydatetime())},
             )
             columns = columns.take(np.flatnonzero(~unknown))
@@ -265,12 +265,12 @@ def _read_settings(
     """Instances, throttle settings, the look-back window they imply and the
     untrusted rows outside it that belong to the day."""
     day_start, day_end = day_bounds(usage_date)
-    instances = read_frame(connection, "extract_instances.sql")
-    throttle = read_frame(connection, "extract_throttle.sql")
+    instances = read_frame(connection, "extract/instances.sql")
+    throttle = read_frame(connection, "extract/throttle.sql")
     window_start, window_end = rules.lookback_window(usage_date, rules.lookback_span_s(throttle))
     untrusted = read_frame(
         connection,
-        "extract_untrusted_heartbeats.sql",
+        "extract/untrusted_heartbeats.sql",
         {
             "window_start": window_start,
             "window_end": window_end,

@@ -174,17 +174,17 @@ def write_provider_usage(
             "provider_usage",
             usage_date,
             deletes=[
-                "provider_usage_delete.sql",
-                "provider_usage_delete_reads.sql",
-                "provider_usage_delete_plans.sql",
+                "provider_usage/delete.sql",
+                "provider_usage/delete_reads.sql",
+                "provider_usage/delete_plans.sql",
             ],
-            copies=[("provider_usage_copy.sql", usage.itertuples(index=False, name=None))],
+            copies=[("provider_usage/copy.sql", usage.itertuples(index=False, name=None))],
         )
         cursor.executemany(
-            load_sql("provider_usage_insert_read.sql"), [{**params, **read} for read in reads]
+            load_sql("provider_usage/insert_read.sql"), [{**params, **read} for read in reads]
         )
         cursor.executemany(
-            load_sql("provider_usage_insert_plan.sql"),
+            load_sql("provider_usage/insert_plan.sql"),
             [{**params, **plan} for plan in plans.to_dict("records")],
         )
 
@@ -209,10 +209,10 @@ def provider_usage(
     usage_date = partition_day(context.partition_key)
     params = {"usage_date": usage_date}
     with raw_connection(postgres.control_engine()) as connection:
-        orgs = with_columns(read_frame(connection, "provider_usage_orgs.sql"), "orgs")
+        orgs = with_columns(read_frame(connection, "provider_usage/orgs.sql"), "orgs")
     billing_engine = postgres.billing_engine()
     with raw_connection(billing_engine) as connection:
-        sent = read_frame(connection, "provider_usage_sent.sql", params)
+        sent = read_frame(connection, "provider_usage/sent.sql", params)
     if sent.empty:
         sent = pd.DataFrame(columns=["provider", "customer_id", "tier", "seconds"])
     tiers = pricing_or_fail().tiers_by_price()

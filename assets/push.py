@@ -211,7 +211,7 @@ def _event(action: PushAction, usage_date: dt.date) -> UsageEvent:
 def _mark(connection, updates: list[dict]) -> None:
     if updates:
         with connection.cursor() as cursor:
-            cursor.executemany(load_sql("push_mark.sql"), updates)
+            cursor.executemany(load_sql("push/mark.sql"), updates)
         connection.commit()
 
 
@@ -230,10 +230,10 @@ def push_day(
     day's push lock. `orgs` (org_id, provider, provider_customer_id) comes from the
     control plane, which may be another database. Returns counters for metadata."""
     params = {"usage_date": usage_date}
-    targets = read_frame(connection, "push_targets.sql", params)
+    targets = read_frame(connection, "push/targets.sql", params)
     if targets.empty:
         targets = pd.DataFrame(columns=["org_id", "tier", "billable_seconds"])
-    ledger = read_frame(connection, "push_ledger.sql", params)
+    ledger = read_frame(connection, "push/ledger.sql", params)
     if ledger.empty:
         ledger = pd.DataFrame(
             columns=[
@@ -266,11 +266,11 @@ def push_day(
     errors: list[str] = []
     config_errors = 0
     with connection.cursor() as cursor:
-        cursor.execute(load_sql("push_clear_refusals.sql"), params)
+        cursor.execute(load_sql("push/clear_refusals.sql"), params)
         for action in actions:
             if action.kind == "refuse":
                 cursor.execute(
-                    load_sql("push_refusal.sql"),
+                    load_sql("push/refusal.sql"),
                     {
                         **params,
                         "org_id": action.org_id,
@@ -283,7 +283,7 @@ def push_day(
                 stats["refused"] += 1
             elif action.kind == "credit":
                 cursor.execute(
-                    load_sql("push_credit_proposal.sql"),
+                    load_sql("push/credit_proposal.sql"),
                     {
                         **params,
                         "org_id": action.org_id,
@@ -332,7 +332,7 @@ def push_day(
                 batch = new[start : start + SEND_BATCH]
                 with connection.cursor() as cursor:
                     cursor.executemany(
-                        load_sql("push_insert_pending.sql"),
+                        load_sql("push/insert_pending.sql"),
                         [
                             {
                                 **params,
@@ -458,16 +458,16 @@ def usage_push(
         context.log.info("report_only: nothing pushed")
         return MaterializeResult(metadata={"report_only": True, "events_sent": 0})
     with raw_connection(postgres.control_engine()) as connection:
-        orgs = read_frame(connection, "push_orgs.sql")
+        orgs = read_frame(connection, "push/orgs.sql")
     with raw_connection(postgres.billing_engine()) as connection:
         lock = {"usage_date": usage_date.isoformat()}
-        connection.execute(load_sql("push_lock.sql"), lock)
+        connection.execute(load_sql("push/lock.sql"), lock)
         connection.commit()
         try:
             stats = push_day(connection, providers, usage_date, dt.datetime.now(dt.UTC), orgs)
         finally:
             connection.rollback()
-            connection.execute(load_sql("push_unlock.sql"), lock)
+            connection.execute(load_sql("push/unlock.sql"), lock)
             connection.commit()
     errors = stats.pop("errors")
     retryable = stats.pop("retryable")

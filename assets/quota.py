@@ -267,13 +267,13 @@ def read_orgs(postgres: PostgresResource) -> pd.DataFrame:
     """Organizations from the control plane (possibly another database than billing:
     joined with billing rows in pandas, never in SQL)."""
     with raw_connection(postgres.control_engine()) as connection:
-        return read_frame(connection, "quota_orgs.sql")
+        return read_frame(connection, "quota/orgs.sql")
 
 
 def read_month_usage(connection: psycopg.Connection, as_of: dt.date) -> pd.DataFrame:
     return read_frame(
         connection,
-        "quota_billed_month.sql",
+        "quota/billed_month.sql",
         {"month_start": month_start(as_of), "usage_date": as_of},
     )
 
@@ -285,10 +285,10 @@ def write_quota_usage(billing_engine: Engine, usage_date: dt.date, result: Quota
             cursor,
             "quota_usage",
             usage_date,
-            deletes=["quota_delete_tiers.sql", "quota_delete.sql"],
+            deletes=["quota/delete_tiers.sql", "quota/delete.sql"],
             copies=[
-                ("quota_copy.sql", result.orgs.itertuples(index=False, name=None)),
-                ("quota_copy_tiers.sql", result.tiers.itertuples(index=False, name=None)),
+                ("quota/copy.sql", result.orgs.itertuples(index=False, name=None)),
+                ("quota/copy_tiers.sql", result.tiers.itertuples(index=False, name=None)),
             ],
         )
 

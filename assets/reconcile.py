@@ -431,12 +431,12 @@ def load_inputs(
     with raw_connection(postgres.control_engine()) as connection:
         orgs = read_frame(
             connection,
-            "reconcile_orgs.sql",
+            "reconcile/orgs.sql",
             {"default_daily_limit_s": rules.metering.default_daily_limit_s},
         )
-        counters = read_frame(connection, "reconcile_counters.sql", params)
-        latest = read_frame(connection, "reconcile_counters_latest.sql")["latest"].iloc[0]
-        instances = read_frame(connection, "reconcile_instances.sql")
+        counters = read_frame(connection, "reconcile/counters.sql", params)
+        latest = read_frame(connection, "reconcile/counters_latest.sql")["latest"].iloc[0]
+        instances = read_frame(connection, "reconcile/instances.sql")
     with raw_connection(postgres.billing_engine()) as connection:
         inputs = ReconcileInputs(
             usage_date=usage_date,
@@ -445,15 +445,15 @@ def load_inputs(
             counters=counters,
             instances=instances,
             report_only=report_only,
-            billed=read_frame(connection, "reconcile_billed.sql", params),
-            ledger=read_frame(connection, "reconcile_ledger.sql", params),
-            refusals=read_frame(connection, "reconcile_refusals.sql", params),
-            provider_usage=read_frame(connection, "reconcile_provider_usage.sql", params),
-            reads=read_frame(connection, "reconcile_provider_reads.sql", params),
-            plans=read_frame(connection, "reconcile_provider_plans.sql", params),
-            zombies=read_frame(connection, "reconcile_zombies.sql", params),
-            credits=read_frame(connection, "reconcile_credits.sql", params),
-            explanations=read_frame(connection, "reconcile_explanations.sql", params),
+            billed=read_frame(connection, "reconcile/billed.sql", params),
+            ledger=read_frame(connection, "reconcile/ledger.sql", params),
+            refusals=read_frame(connection, "reconcile/refusals.sql", params),
+            provider_usage=read_frame(connection, "reconcile/provider_usage.sql", params),
+            reads=read_frame(connection, "reconcile/provider_reads.sql", params),
+            plans=read_frame(connection, "reconcile/provider_plans.sql", params),
+            zombies=read_frame(connection, "reconcile/zombies.sql", params),
+            credits=read_frame(connection, "reconcile/credits.sql", params),
+            explanations=read_frame(connection, "reconcile/explanations.sql", params),
         )
     return inputs, with_columns(counters, "counters"), as_utc(latest)
 
@@ -473,8 +473,8 @@ def write_discrepancies(connection, usage_date: dt.date, discrepancies: pd.DataF
             cursor,
             "reconciliation",
             usage_date,
-            deletes=["reconcile_delete.sql"],
-            copies=[("reconcile_copy.sql", rows)],
+            deletes=["reconcile/delete.sql"],
+            copies=[("reconcile/copy.sql", rows)],
         )
 
 

@@ -133,7 +133,7 @@ def main() -> None:
         engine = db.engine_for(url)
         started = time.monotonic()
         with db.raw_connection(engine) as connection:
-            orgs = db.read_frame(connection, "push_orgs.sql")
+            orgs = db.read_frame(connection, "push/orgs.sql")
             stats = push_day(connection, providers, day, dt.datetime.now(dt.UTC), orgs)
         elapsed = time.monotonic() - started
         sandbox_stats = httpx.get(f"{base}/_sandbox/stats").json()

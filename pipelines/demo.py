@@ -27,7 +27,7 @@ def _simulate_double_charge(engine: Engine, sandbox: RunningSandbox, day: dt.dat
     from resources.db import raw_connection, read_frame
 
     with raw_connection(engine) as connection:
-        target = read_frame(connection, "demo_duplicate_target.sql")
+        target = read_frame(connection, "demo/duplicate_target.sql")
     if target.empty:
         return
     org_id, customer = target.iloc[0]

@@ -304,7 +304,7 @@ def read_freshness(instance, now: dt.datetime) -> tuple[Freshness, LastReconcili
 def _table_exists(cursor) -> bool:
     from resources.db import load_sql
 
-    cursor.execute(load_sql("freshness_alerts_exists.sql"))
+    cursor.execute(load_sql("freshness/alerts_table_exists.sql"))
     return bool(cursor.fetchone()[0])
 
 
@@ -335,10 +335,10 @@ def record_alert(
     with connection.cursor() as cursor:
         row = None
         if cursor_state.alert_id is not None:
-            cursor.execute(load_sql("freshness_alert_update.sql"), params)
+            cursor.execute(load_sql("freshness/alert_update.sql"), params)
             row = cursor.fetchone()
         if row is None:
-            cursor.execute(load_sql("freshness_alert_insert.sql"), params)
+            cursor.execute(load_sql("freshness/alert_insert.sql"), params)
             row = cursor.fetchone()
     connection.commit()
     return int(row[0])
@@ -351,7 +351,7 @@ def latest_alert(connection) -> dict[str, Any] | None:
     with connection.cursor() as cursor:
         if not _table_exists(cursor):
             return None
-        cursor.execute(load_sql("freshness_alert_latest.sql"))
+        cursor.execute(load_sql("freshness/alert_latest.sql"))
         row = cursor.fetchone()
         if row is None:
             return None
@@ -384,6 +384,6 @@ def supersede_alert(connection, alert_id: int, now: dt.datetime) -> None:
 
     with connection.cursor() as cursor:
         cursor.execute(
-            load_sql("freshness_alert_supersede.sql"), {"alert_id": alert_id, "now": now}
+            load_sql("freshness/alert_supersede.sql"), {"alert_id": alert_id, "now": now}
         )
     connection.commit()

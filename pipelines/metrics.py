@@ -143,17 +143,17 @@ class TallyCollector(Collector):
                 with raw_connection(engine) as connection, connection.cursor() as cursor:
 
                     def exists(table: str) -> bool:
-                        cursor.execute(load_sql("metrics_table_exists.sql"), {"table": table})
+                        cursor.execute(load_sql("metrics/table_exists.sql"), {"table": table})
                         row = cursor.fetchone()
                         return bool(row and row[0])
 
                     count = 0.0
                     if exists("billing.usage_push_ledger"):  # absent until the first migrate
-                        cursor.execute(load_sql("metrics_push_pending.sql"))
+                        cursor.execute(load_sql("metrics/push_pending.sql"))
                         count = float((cursor.fetchone() or (0,))[0])
                     pending.add_metric([], count)
                     if exists("billing.discrepancies"):
-                        cursor.execute(load_sql("metrics_discrepancies.sql"))
+                        cursor.execute(load_sql("metrics/discrepancies.sql"))
                         for kind, count in cursor.fetchall():
                             discrepancies.add_metric([kind], float(count))
         except Exception as error:  # noqa: BLE001 - a scrape must still answer

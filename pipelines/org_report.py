@@ -184,7 +184,7 @@ def _lookup_org(control_engine: Engine, org_id: str) -> pd.Series:
 
     try:
         with raw_connection(control_engine) as connection:
-            org = read_frame(connection, "org_lookup.sql", {"org_id": org_id})
+            org = read_frame(connection, "org_report/lookup.sql", {"org_id": org_id})
     except UndefinedTable:
         raise ReportError(
             "no organizations table in the control-plane database; "
@@ -224,11 +224,11 @@ def _read_month(billing_engine: Engine, org_id: str, month: dt.date) -> _MonthRo
 
     span = {"org_id": org_id, "month_start": month, "next_month": next_month(month)}
     with raw_connection(billing_engine) as connection:
-        usage = read_frame(connection, "org_month_usage.sql", span)
-        as_of = read_frame(connection, "org_as_of.sql", span)["as_of"].iloc[0]
-        alerts = read_frame(connection, "org_alerts.sql", span)
-        tracked = bool(read_frame(connection, "org_discrepancies_exists.sql")["present"].iloc[0])
-        found = read_frame(connection, "org_discrepancies.sql", span) if tracked else None
+        usage = read_frame(connection, "org_report/month_usage.sql", span)
+        as_of = read_frame(connection, "org_report/as_of.sql", span)["as_of"].iloc[0]
+        alerts = read_frame(connection, "org_report/alerts.sql", span)
+        tracked = bool(read_frame(connection, "org_report/discrepancies_exists.sql")["present"].iloc[0])
+        found = read_frame(connection, "org_report/discrepancies.sql", span) if tracked else None
     as_of = None if as_of is None or pd.isna(as_of) else as_of
     return _MonthRows(usage, as_of, alerts, tracked, found)
 

@@ -17,7 +17,7 @@ def _rows(sql_name: str, params: dict) -> list[dict]:
 
 
 def day_summary(usage_date: dt.date) -> dict[str, int]:
-    return _rows("day_summary.sql", {"usage_date": usage_date})[0]
+    return _rows("summary/day.sql", {"usage_date": usage_date})[0]
 
 
 def day_summary_line(usage_date: dt.date) -> str:
@@ -47,7 +47,7 @@ def day_summary_row(usage_date: dt.date) -> str:
 
 
 def discrepancy_report(start: dt.date, end: dt.date) -> list[str]:
-    rows = _rows("report_discrepancy_kinds.sql", {"start_date": start, "end_date": end})
+    rows = _rows("summary/discrepancy_kinds.sql", {"start_date": start, "end_date": end})
     if not rows:
         return ["no discrepancies"]
     lines = ["kind                  found  unexplained    hours   dollar impact"]
@@ -60,7 +60,7 @@ def discrepancy_report(start: dt.date, end: dt.date) -> list[str]:
 
 
 def month_to_date_report(as_of: dt.date) -> list[str]:
-    rows = _rows("report_month_to_date.sql", {"usage_date": as_of})
+    rows = _rows("summary/month_to_date.sql", {"usage_date": as_of})
     lines = [
         "org        plan              used h  included h  overage h  expected $  "
         "alerts    proposed credit $"

@@ -155,8 +155,8 @@ def migrate(engine: Engine) -> list[str]:
     transaction; an advisory lock keeps concurrent processes from racing."""
     applied_now: list[str] = []
     with engine.begin() as connection:
-        connection.execute(sa.text(load_sql("migrations_lock.sql")))
-        connection.exec_driver_sql(load_sql("migrations_table.sql"))
+        connection.execute(sa.text(load_sql("db/migrations_lock.sql")))
+        connection.exec_driver_sql(load_sql("db/migrations_table.sql"))
         applied = set(
             connection.execute(sa.text("SELECT version FROM billing.schema_migrations")).scalars()
         )
@@ -211,7 +211,7 @@ def read_frame(
 def lock_day(cursor: psycopg.Cursor, stage: str, usage_date: dt.date) -> None:
     """Per (stage, usage day) transaction lock: concurrent runs of a day queue here."""
     cursor.execute(
-        load_sql("partition_lock.sql"), {"stage": stage, "usage_date": usage_date.isoformat()}
+        load_sql("db/partition_lock.sql"), {"stage": stage, "usage_date": usage_date.isoformat()}
     )
 
 
