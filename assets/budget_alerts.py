@@ -394,9 +394,7 @@ def budget_alerts(
             connection.commit()
 
     errors = stats.pop("errors")
-    metadata: dict[str, Any] = {
-        key: MetadataValue.int(int(value)) for key, value in stats.items()
-    }
+    metadata: dict[str, Any] = {key: MetadataValue.int(int(value)) for key, value in stats.items()}
     metadata["thresholds_reached"] = MetadataValue.int(len(crossings))
     metadata["smtp_configured"] = MetadataValue.bool(smtp.configured())
     if errors:

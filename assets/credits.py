@@ -40,7 +40,13 @@ from assets.pricing import Pricing, to_cents
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, lock_day, raw_connection, read_frame
-from resources.providers import ProviderError, ProvidersResource
+from resources.providers import (
+    BillingProvider,
+    CorrectionMethod,
+    ProviderError,
+    ProvidersResource,
+    usable_customer_id,
+)
 
 
 class ProposalStatus(StrEnum):
@@ -68,13 +74,6 @@ class EscalationLevel(StrEnum):
     SUPPORT_LEAD = "support_lead"
     VP_ENGINEERING = "vp_engineering"
     ENGINEERING = "engineering"
-
-
-class CorrectionMethod(StrEnum):
-    """billing.billing_corrections.method: how a credit was handed back."""
-
-    STRIPE_BALANCE_TRANSACTION = "stripe_balance_transaction"
-    MANUAL = "manual"
 
 
 ESCALATION_LEVELS = tuple(EscalationLevel)
@@ -219,11 +218,7 @@ def plan_proposals(
     open and applied proposals and the new candidates)."""
     pricing = pricing or Pricing()
     existing = existing if not existing.empty else pd.DataFrame(columns=PROPOSAL_COLUMNS)
-    customers = {
-        row.org_id: row.provider_customer_id
-        for row in orgs.itertuples(index=False)
-        if isinstance(row.provider_customer_id, str) and row.provider_customer_id
-    }
+    customers = billable_customers(orgs)
     live = existing[existing["status"].isin(LIVE_PROPOSALS)]
     orgs_by_kind: dict[str, set[str]] = {}
     for row in live.itertuples(index=False):
@@ -312,6 +307,16 @@ def _proposals_markdown(proposals: pd.DataFrame, limit: int = 20) -> str:
 # ---------------------------------------------------------------------------
 
 
+def billable_customers(orgs: pd.DataFrame) -> dict[str, str]:
+    """org_id → provider customer id, for the orgs that have a usable one."""
+    customers = {}
+    for row in orgs.itertuples(index=False):
+        customer = usable_customer_id(row.provider_customer_id)
+        if customer is not None:
+            customers[row.org_id] = customer
+    return customers
+
+
 def _orgs(postgres: PostgresResource) -> pd.DataFrame:
     with raw_connection(postgres.control_engine()) as connection:
         orgs = read_frame(connection, "provider_usage/orgs.sql")
@@ -391,7 +396,7 @@ def _description(proposal) -> str:
 def apply_proposal(
     connection,
     providers: ProvidersResource,
-    readers: dict,
+    clients: dict[str, BillingProvider],
     proposal_id: int,
     approver: str,
     customers: dict[str, str],
@@ -406,10 +411,10 @@ def apply_proposal(
             return "skipped", "no such proposal"
         proposal = dict(zip([column.name for column in cursor.description], found, strict=True))
     status = proposal["status"]
-    if status in ("applied", "manual"):
+    if status in CREDITED:
         connection.rollback()
         return "already", f"already {status}; not applied again"
-    if status != "proposed":
+    if status != ProposalStatus.PROPOSED:
         connection.rollback()
         return "skipped", f"status {status}: the over-charge no longer shows in reconciliation"
     amount = proposal["amount"]
@@ -423,14 +428,18 @@ def apply_proposal(
         connection.rollback()
         return "skipped", "the org has no provider_customer_id to credit"
     provider = proposal["provider"]
-    reader = readers.get(provider)
-    if reader is None:
-        reader = readers[provider] = providers.reader(provider)
+    client = clients.get(provider)
+    if client is None:
+        client = clients[provider] = providers.client(provider)
     cents = int((Decimal(amount) * 100).to_integral_value())
-    result = reader.apply_credit(
+    result = client.apply_credit(
         customer, cents, proposal["currency"] or "usd", _description(proposal), proposal_id
     )
-    outcome = "applied" if result.method == "stripe_balance_transaction" else "manual"
+    outcome = (
+        ProposalStatus.APPLIED
+        if result.method == CorrectionMethod.STRIPE_BALANCE_TRANSACTION
+        else ProposalStatus.MANUAL
+    )
     reason = proposal["evidence"]
     if result.note:
         reason = f"{reason} [{result.note}]"
@@ -486,18 +495,14 @@ def apply_credits(
     ids = sorted(set(config.proposal_ids))
     if not ids:
         raise Failure(description="proposal_ids is empty; list the proposals to apply")
-    customers = {
-        row.org_id: row.provider_customer_id
-        for row in _orgs(postgres).itertuples(index=False)
-        if isinstance(row.provider_customer_id, str) and row.provider_customer_id
-    }
-    readers: dict = {}
+    customers = billable_customers(_orgs(postgres))
+    clients: dict[str, BillingProvider] = {}
     outcomes: dict[int, tuple[str, str]] = {}
     with raw_connection(postgres.billing_engine()) as connection:
         for proposal_id in ids:
             try:
                 outcomes[proposal_id] = apply_proposal(
-                    connection, providers, readers, proposal_id, approver, customers
+                    connection, providers, clients, proposal_id, approver, customers
                 )
             except ProviderError as error:
                 connection.rollback()
@@ -512,7 +517,11 @@ def apply_credits(
         [(pid, outcome, detail) for pid, (outcome, detail) in outcomes.items()],
         numeric={"proposal"},
     )
-    metadata = {**counts, "approver": approver, "outcomes": MetadataValue.md(table)}
+    metadata: dict[str, Any] = {
+        **counts,
+        "approver": approver,
+        "outcomes": MetadataValue.md(table),
+    }
     if counts["failed"]:
         failed = [f"#{pid}: {detail}" for pid, (o, detail) in outcomes.items() if o == "failed"]
         raise Failure(description="; ".join(failed), metadata=metadata)

@@ -523,7 +523,10 @@ def write_billed_usage(billing_engine: Engine, usage_date: dt.date, result: Mete
             usage_date,
             deletes=["metering/delete_billed_usage.sql", "metering/delete_quarantine.sql"],
             copies=[
-                ("metering/copy_billed_usage.sql", result.billed.itertuples(index=False, name=None)),
+                (
+                    "metering/copy_billed_usage.sql",
+                    result.billed.itertuples(index=False, name=None),
+                ),
                 ("metering/copy_quarantine.sql", quarantine_rows),
             ],
         )
@@ -532,7 +535,9 @@ def write_billed_usage(billing_engine: Engine, usage_date: dt.date, result: Mete
 def read_billed_usage(billing_engine: Engine, usage_date: dt.date) -> pd.DataFrame:
     """The day's rows as stored (the checks run on what was written)."""
     with raw_connection(billing_engine) as connection:
-        stored = read_frame(connection, "metering/read_billed_usage.sql", {"usage_date": usage_date})
+        stored = read_frame(
+            connection, "metering/read_billed_usage.sql", {"usage_date": usage_date}
+        )
     if stored.empty:
         stored = pd.DataFrame(columns=BILLED_COLUMNS).astype({c: "int64" for c in SECONDS_COLUMNS})
     return stored

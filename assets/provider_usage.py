@@ -21,14 +21,14 @@ from resources.db import (
     replace_day_rows,
 )
 from resources.providers import (
+    Provider,
     ProviderConfigError,
     ProviderError,
     ProvidersResource,
     RecordedUsage,
+    usable_customer_id,
 )
 from resources.settings import RunMode
-
-PROVIDERS = ("stripe", "polar")
 
 
 def _expected_by_customer(sent: pd.DataFrame, provider: str) -> dict[tuple[str, str], int]:
@@ -44,13 +44,13 @@ def _read_provider(
     usage_date: dt.date,
     tiers: list[str],
     report_only: bool,
-    log,
 ) -> tuple[dict, list[tuple], list[dict], dict[str, int]]:
     """One provider's day → (read record, usage rows, plan rows, stats)."""
-    mine = orgs[(orgs["provider"] == provider) & orgs["provider_customer_id"].fillna("").ne("")]
     customer_to_org: dict[str, str] = {}
-    for row in mine.itertuples(index=False):
-        customer_to_org.setdefault(row.provider_customer_id, row.org_id)
+    for row in orgs[orgs["provider"] == provider].itertuples(index=False):
+        customer = usable_customer_id(row.provider_customer_id)
+        if customer is not None:
+            customer_to_org.setdefault(customer, row.org_id)
     record = {
         "provider": provider,
         "status": "read",
@@ -68,16 +68,16 @@ def _read_provider(
         record["status"] = "skipped"
         record["note"] = "report-only run: provider not contacted"
         return record, [], [], {}
-    reader = providers.reader(provider)
-    recorded: RecordedUsage = reader.recorded_usage(
+    client = providers.client(provider)
+    recorded: RecordedUsage = client.recorded_usage(
         usage_date,
         list(customer_to_org),
         tiers,
         _expected_by_customer(sent, provider),
         create_meters=True,
     )
-    plans = reader.plans(customer_to_org)
-    calls = int(reader.read_stats()["requests"])
+    plans = client.plans(customer_to_org)
+    calls = int(client.read_stats()["requests"])
     record.update(
         calls=calls,
         unread_tiers=list(recorded.unread_tiers),
@@ -127,13 +127,12 @@ def read_providers(
     tiers: list[str],
     *,
     report_only: bool,
-    log=None,
 ) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, dict[str, int]]:
     """Read every provider for the day, the providers side by side (their rate limits
     are independent) → (usage rows, read records, plan rows, stats)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=len(PROVIDERS)) as pool:
+    with ThreadPoolExecutor(max_workers=len(Provider)) as pool:
         futures = [
             pool.submit(
                 _read_provider,
@@ -144,9 +143,8 @@ def read_providers(
                 usage_date,
                 tiers,
                 report_only,
-                log,
             )
-            for provider in PROVIDERS
+            for provider in Provider
         ]
         results = [future.result() for future in futures]
     stats = {"stripe_calls": 0, "polar_calls": 0, "customers": 0}
@@ -224,7 +222,6 @@ def provider_usage(
             usage_date,
             tiers,
             report_only=run_mode.report_only,
-            log=context.log,
         )
     except ProviderConfigError as error:  # a missing key: retrying cannot help
         raise Failure(description=str(error), allow_retries=False) from None

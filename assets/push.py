@@ -24,8 +24,8 @@ from dagster import (
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
+from resources.calendar import STRIPE_EVENT_WINDOW as STRIPE_MAX_EVENT_AGE
 from resources.providers import (
-    STRIPE_MAX_EVENT_AGE,
     ProviderError,
     ProvidersResource,
     UsageEvent,
@@ -373,7 +373,7 @@ def _verify_stale_pending(
     to be re-sent."""
     if not actions:
         return []
-    reader = providers.reader("stripe")
+    reader = providers.client("stripe")
     resend: list[PushAction] = []
     updates = []
     by_key: dict[tuple[str, str], list[PushAction]] = {}

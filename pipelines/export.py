@@ -32,7 +32,8 @@ def export_discrepancies(
     with raw_connection(engine) as connection:
         with connection.cursor(name="tally_export_discrepancies") as cursor:
             cursor.execute(
-                load_sql("export/discrepancies.sql"), {"start_date": start_date, "end_date": end_date}
+                load_sql("export/discrepancies.sql"),
+                {"start_date": start_date, "end_date": end_date},
             )
             header_written = False
             for row in cursor:

@@ -24,7 +24,6 @@ MAX_AGE = dt.timedelta(hours=24)
 DEADLINE = dt.time(6, 0)  # UTC, on the day after the usage day
 
 
-
 class FreshnessState(StrEnum):
     """billing.freshness_alerts.state."""
 

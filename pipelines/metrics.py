@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from pipelines.freshness import evaluate_freshness, last_reconciliation
 from resources.db import load_sql, raw_connection
+from resources.providers.base import Provider, provider_error_metric_key
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("stripe", "polar")  # TODO provider names
 USAGE_PUSH_ASSET = "usage_push"
 _PAGE = 1000
 
@@ -54,7 +54,7 @@ class TallyCollector(Collector):
         self.instance = instance
         self.billing_engine = billing_engine
         self.clock = clock
-        self._errors = dict.fromkeys(PROVIDERS, 0)
+        self._errors: dict[str, int] = {provider: 0 for provider in Provider}
         self._errors_cursor: str | None = None
         self._lock = threading.Lock()
 
@@ -106,8 +106,8 @@ class TallyCollector(Collector):
                         if (record.asset_materialization)
                         else {}
                     )
-                    for provider in PROVIDERS:
-                        value = metadata.get(f"{provider}_errors")
+                    for provider in Provider:
+                        value = metadata.get(provider_error_metric_key(provider))
                         if value is not None:
                             raw: Any = getattr(value, "value", value)
                             self._errors[provider] += int(raw or 0)
@@ -121,8 +121,8 @@ class TallyCollector(Collector):
             "Failed provider requests (5xx, timeouts, 429) during usage push.",
             labels=["provider"],
         )
-        for provider, count in errors.items():
-            family.add_metric([provider], count)
+        for name, count in errors.items():
+            family.add_metric([name], count)
         yield family
 
     # -- billing database --------------------------------------------------------

@@ -227,7 +227,9 @@ def _read_month(billing_engine: Engine, org_id: str, month: dt.date) -> _MonthRo
         usage = read_frame(connection, "org_report/month_usage.sql", span)
         as_of = read_frame(connection, "org_report/as_of.sql", span)["as_of"].iloc[0]
         alerts = read_frame(connection, "org_report/alerts.sql", span)
-        tracked = bool(read_frame(connection, "org_report/discrepancies_exists.sql")["present"].iloc[0])
+        tracked = bool(
+            read_frame(connection, "org_report/discrepancies_exists.sql")["present"].iloc[0]
+        )
         found = read_frame(connection, "org_report/discrepancies.sql", span) if tracked else None
     as_of = None if as_of is None or pd.isna(as_of) else as_of
     return _MonthRows(usage, as_of, alerts, tracked, found)

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from resources.db import create_control_plane, raw_connection
+from resources.providers.base import Provider
 
 if TYPE_CHECKING:
     import psycopg
@@ -83,7 +84,7 @@ COLUMNS: dict[str, list[str]] = {
         "updated_at",
     ],
 }
-PROVIDERS = ("stripe", "polar")
+PROVIDERS = tuple(provider.value for provider in Provider)
 PLANS = ("free-tier", "base-plus-usage", "usage-only")
 TIERS = ("small", "medium", "large", "gpu")
 TIER_WEIGHTS = (0.4, 0.3, 0.2, 0.1)

@@ -139,7 +139,7 @@ def test_a_crash_after_the_provider_call_is_not_credited_twice(
     found = over_charged_world(engine, providers_env)
     proposal_id = found["org-over"]["proposal_id"]
     # The job called Stripe, then died before its transaction committed.
-    reader = ProvidersResource().reader("stripe")
+    reader = ProvidersResource().client("stripe")
     first = reader.apply_credit("cus_over", 125, "usd", "lost answer", proposal_id)
     assert issue([proposal_id]).output_for_node("apply_credits") == {proposal_id: "applied"}
     balance, transactions = stripe_balance(stripe_client, "cus_over")
