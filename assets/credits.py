@@ -139,7 +139,7 @@ def credit_candidates(
     cost more. Columns: org_id, tier, provider, kind, seconds, amount (Decimal,
     cents, half-up once at the end), evidence."""
     pricing = pricing or Pricing()
-    columns = ["org_id", "tier", "provider", "kind", "seconds", "amount", "evidence"]
+    columns = ["org_id", "tier", "provider", "kind", "seconds", "amount", "evidence", "customer_id"]
     proposals = with_columns(proposals, "credits")
     push = credited_seconds(proposals, (ProposalKind.PUSH_OVER_SENT,), LIVE_PROPOSALS)
     out: list[list[Any]] = []
@@ -171,6 +171,7 @@ def credit_candidates(
                 seconds,
                 amount,
                 evidence,
+                usable_customer_id(getattr(row, "customer_id", None)),
             ]
         )
     shuffled = discrepancies[(discrepancies["kind"] == DiscrepancyKind.TIER_MISMATCH) & ~explained]
@@ -196,6 +197,7 @@ def credit_candidates(
                 net,
                 f"usage recorded under the wrong tier on {rows['usage_date'].iloc[0]}: {parts}; "
                 f"net over-charge at list rates ${to_cents(net)}",
+                None,
             ]
         )
     frame = pd.DataFrame(out, columns=columns)
@@ -248,7 +250,9 @@ def plan_proposals(
                     if is_systemic
                     else ""
                 ),
-                "customer_id": customers.get(row.org_id),
+                # The customer that was charged (it may no longer be the org's).
+                "customer_id": usable_customer_id(getattr(row, "customer_id", None))
+                or customers.get(row.org_id),
                 "escalation": escalation_level(row.amount, is_systemic),
                 "systemic": is_systemic,
             }
@@ -263,7 +267,7 @@ def plan_proposals(
             {
                 "proposal_id": int(row.proposal_id),
                 "amount": amount,
-                "customer_id": customers.get(row.org_id),
+                "customer_id": usable_customer_id(row.customer_id) or customers.get(row.org_id),
                 "escalation": escalation_level(amount, is_systemic),
                 "systemic": is_systemic,
             }

@@ -66,6 +66,7 @@ DISCREPANCY_COLUMNS = [
     "tier",
     "instance_id",
     "provider",
+    "customer_id",
     "billable_seconds",
     "sent_seconds",
     "provider_seconds",
@@ -83,7 +84,7 @@ INT_COLUMNS = frozenset(
 # The columns of each frame reconciliation reads, as its SQL returns them.
 INPUT_COLUMNS = {
     "billed": ["org_id", "tier", "runtime_seconds", "billable_seconds"],
-    "ledger": ["org_id", "tier", "sent_seconds", "pending_seconds"],
+    "ledger": ["org_id", "tier", "provider", "customer_id", "sent_seconds", "pending_seconds"],
     "refusals": ["org_id", "tier", "provider", "seconds", "reason"],
     "provider_usage": ["org_id", "tier", "provider", "customer_id", "seconds", "exact"],
     "reads": ["provider", "status", "unread_tiers", "note"],
@@ -152,9 +153,23 @@ class ReconcileRules:
 # -- the numbers compared, per (org, tier) and per org ---------------------------------
 
 
+Target = tuple[str, str]  # (provider, customer_id) that received usage
+
+
+@dataclass
+class AtTarget:
+    """What the ledger sent to one (provider, customer) and what that provider holds."""
+
+    sent: int = 0
+    recorded: int = 0
+
+
 @dataclass
 class TierNumbers:
-    """The four numbers of one (org, tier)."""
+    """The four numbers of one (org, tier), and sent/recorded per (provider,
+    customer) the usage went to (an org that moved provider or customer id has
+    several). A ledger frame without provider columns keys its rows under None: the
+    org's current provider and customer."""
 
     org_id: str
     tier: str
@@ -164,6 +179,20 @@ class TierNumbers:
     pending: int = 0
     recorded: int = 0
     counter: int | None = None
+    targets: dict[Target | None, AtTarget] = field(default_factory=dict)
+
+    def at(self, target: Target | None) -> AtTarget:
+        found = self.targets.get(target)
+        if found is None:
+            found = self.targets[target] = AtTarget()
+        return found
+
+
+def _target(row: Any) -> Target | None:
+    provider, customer = getattr(row, "provider", None), getattr(row, "customer_id", None)
+    if missing(provider) or missing(customer):
+        return None
+    return (str(provider), str(customer))
 
 
 @dataclass
@@ -188,9 +217,14 @@ def tier_numbers(inputs: ReconcileInputs) -> dict[tuple[str, str], TierNumbers]:
         entry.runtime, entry.billable = int(row.runtime_seconds), int(row.billable_seconds)
     for row in inputs.get("ledger").itertuples(index=False):
         entry = key(row.org_id, row.tier)
-        entry.sent, entry.pending = int(row.sent_seconds or 0), int(row.pending_seconds or 0)
+        sent, pending = int(row.sent_seconds or 0), int(row.pending_seconds or 0)
+        entry.sent += sent
+        entry.pending += pending
+        entry.at(_target(row)).sent += sent
     for row in inputs.get("provider_usage").itertuples(index=False):
-        key(row.org_id, row.tier).recorded += int(row.seconds)
+        entry = key(row.org_id, row.tier)
+        entry.recorded += int(row.seconds)
+        entry.at(_target(row)).recorded += int(row.seconds)
     for row in inputs.get("counters").itertuples(index=False):
         key(row.org_id, row.tier).counter = int(row.runtime_seconds)
     return keys
@@ -256,6 +290,7 @@ def discrepancy_row(
     tier: str | None = None,
     instance_id: str | None = None,
     provider: str | None = None,
+    customer: str | None = None,
     billable: int | None = None,
     sent: int | None = None,
     recorded: int | None = None,
@@ -270,6 +305,7 @@ def discrepancy_row(
         "tier": tier,
         "instance_id": instance_id,
         "provider": provider,
+        "customer_id": customer,
         "billable_seconds": billable,
         "sent_seconds": sent,
         "provider_seconds": recorded,

@@ -4,6 +4,7 @@ customers asked for in groups and narrowed down only where a total differs from
 the ledger. Also the providers' subscription plans, for plan_mismatch."""
 
 import datetime as dt
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -30,10 +31,65 @@ from resources.providers import (
 )
 from resources.settings import RunMode
 
+Pair = tuple[str, str]  # (customer_id, tier)
 
-def _expected_by_customer(sent: pd.DataFrame, provider: str) -> dict[tuple[str, str], int]:
+
+@dataclass
+class ProviderDay:
+    """Who one provider's customers are for the day: the orgs currently billed to
+    each customer, and what the ledger sent there for each org (an org that moved
+    provider or customer id is read at every customer it was sent to)."""
+
+    current: dict[str, list[str]] = field(default_factory=dict)  # customer → orgs
+    sent: dict[Pair, dict[str, int]] = field(default_factory=dict)  # pair → org → s
+
+    @property
+    def customers(self) -> list[str]:
+        return sorted(set(self.current) | {customer for customer, _ in self.sent})
+
+    def expected(self) -> dict[Pair, int]:
+        """What the ledger says each (customer, tier) holds, all orgs together."""
+        return {pair: sum(by_org.values()) for pair, by_org in self.sent.items()}
+
+
+def provider_day(provider: str, orgs: pd.DataFrame, sent: pd.DataFrame) -> ProviderDay:
+    day = ProviderDay()
+    for row in orgs[orgs["provider"] == provider].itertuples(index=False):
+        customer = usable_customer_id(row.provider_customer_id)
+        if customer is not None:
+            day.current.setdefault(customer, []).append(str(row.org_id))
     mine = sent[sent["provider"] == provider] if not sent.empty else sent
-    return {(row.customer_id, row.tier): int(row.seconds) for row in mine.itertuples(index=False)}
+    for row in mine.itertuples(index=False):
+        by_org = day.sent.setdefault((str(row.customer_id), str(row.tier)), {})
+        by_org[str(row.org_id)] = by_org.get(str(row.org_id), 0) + int(row.seconds)
+    return day
+
+
+def attribute_to_orgs(recorded: dict[Pair, int], day: ProviderDay) -> list[tuple[str, Pair, int]]:
+    """(org, (customer, tier), seconds) for what a provider holds, split between the
+    orgs of a customer by the ledger: each org is taken to hold what tally sent for
+    it there, and only the customer-level difference is anybody's discrepancy. An
+    excess goes to the org the ledger sent most to (else the customer's first
+    current org); a shortfall is taken from the orgs in that order. Pairs nobody was
+    sent to and nobody is billed to are left out (unattributed)."""
+    rows: list[tuple[str, Pair, int]] = []
+    for pair in sorted(set(recorded) | set(day.sent)):
+        by_org = dict(day.sent.get(pair, {}))
+        order = sorted(by_org, key=lambda org: (-by_org[org], org))
+        order += [org for org in day.current.get(pair[0], []) if org not in by_org]
+        if not order:
+            continue
+        difference = recorded.get(pair, 0) - sum(by_org.values())
+        if difference > 0:
+            by_org[order[0]] = by_org.get(order[0], 0) + difference
+        for org in order:
+            if difference >= 0:
+                break
+            taken = min(by_org.get(org, 0), -difference)
+            by_org[org] = by_org.get(org, 0) - taken
+            difference += taken
+        rows += [(org, pair, by_org[org]) for org in order if by_org.get(org, 0)]
+    return rows
 
 
 def _read_provider(
@@ -46,21 +102,18 @@ def _read_provider(
     report_only: bool,
 ) -> tuple[dict, list[tuple], list[dict], dict[str, int]]:
     """One provider's day → (read record, usage rows, plan rows, stats)."""
-    customer_to_org: dict[str, str] = {}
-    for row in orgs[orgs["provider"] == provider].itertuples(index=False):
-        customer = usable_customer_id(row.provider_customer_id)
-        if customer is not None:
-            customer_to_org.setdefault(customer, row.org_id)
+    day = provider_day(provider, orgs, sent)
+    customers = day.customers
     record = {
         "provider": provider,
         "status": "read",
-        "customers": len(customer_to_org),
+        "customers": len(customers),
         "calls": 0,
         "unread_tiers": [],
         "unattributed_seconds": 0,
         "note": None,
     }
-    if not customer_to_org:
+    if not customers:
         record["status"] = "no_customers"
         return record, [], [], {}
     if report_only:
@@ -70,13 +123,9 @@ def _read_provider(
         return record, [], [], {}
     client = providers.client(provider)
     recorded: RecordedUsage = client.recorded_usage(
-        usage_date,
-        list(customer_to_org),
-        tiers,
-        _expected_by_customer(sent, provider),
-        create_meters=True,
+        usage_date, customers, tiers, day.expected(), create_meters=True
     )
-    plans = client.plans(customer_to_org)
+    plans = client.plans(day.current)
     calls = int(client.read_stats()["requests"])
     record.update(
         calls=calls,
@@ -89,32 +138,25 @@ def _read_provider(
         )
     stats = {
         f"{provider}_calls": calls,
-        f"{provider}_customers": len(customer_to_org),
+        f"{provider}_customers": len(customers),
         f"{provider}_recorded_seconds": sum(recorded.seconds.values()),
         f"{provider}_exact_reads": len(recorded.exact),
     }
     usage_rows = [
-        (
-            usage_date,
-            customer_to_org[customer],
-            tier,
-            provider,
-            customer,
-            int(seconds),
-            (customer, tier) in recorded.exact,
-        )
-        for (customer, tier), seconds in sorted(recorded.seconds.items())
-        if customer in customer_to_org
+        (usage_date, org_id, tier, provider, customer, int(seconds), pair in recorded.exact)
+        for org_id, pair, seconds in attribute_to_orgs(recorded.seconds, day)
+        for customer, tier in [pair]
     ]
     plan_rows = [
         {
-            "org_id": customer_to_org[customer],
+            "org_id": org_id,
             "provider": provider,
             "customer_id": customer,
             "plan": plan.plan,
             "status": plan.status,
         }
         for customer, plan in sorted(plans.items())
+        for org_id in day.current.get(customer, [])
     ]
     return record, usage_rows, plan_rows, stats
 
@@ -212,7 +254,7 @@ def provider_usage(
     with raw_connection(billing_engine) as connection:
         sent = read_frame(connection, "provider_usage/sent.sql", params)
     if sent.empty:
-        sent = pd.DataFrame(columns=["provider", "customer_id", "tier", "seconds"])
+        sent = pd.DataFrame(columns=["org_id", "provider", "customer_id", "tier", "seconds"])
     tiers = pricing_or_fail().tiers_by_price()
     try:
         usage, reads, plans, stats = read_providers(

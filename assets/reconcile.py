@@ -12,7 +12,7 @@ assets/finance.py.
 """
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -41,10 +41,12 @@ from assets.discrepancy import (
     INT_COLUMNS,
     KINDS,
     MONEY_MOVING,
+    AtTarget,
     DiscrepancyKind,
     OrgFacts,
     ReconcileInputs,
     ReconcileRules,
+    Target,
     TierNumbers,
     as_int,
     as_text,
@@ -120,6 +122,10 @@ class _DayFacts:
     def dollars(self, seconds: int | None, tier: str | None) -> Decimal | None:
         return list_dollars(self.pricing, seconds, tier)
 
+    def tier_read(self, provider: str, tier: str) -> bool:
+        """The provider was read for the day and could read this tier."""
+        return provider in self.readable and tier not in self.readable[provider]
+
 
 def usage_discrepancies(
     inputs: ReconcileInputs, pricing: Pricing, rules: ReconcileRules
@@ -138,13 +144,38 @@ def usage_discrepancies(
         rows += [
             _unpushed_row(facts, org, entry) for entry in entries if entry.billable > entry.sent
         ]
-        if org.provider in facts.readable and org.customer is not None:
-            unread = facts.readable[org.provider]
-            read_entries = [entry for entry in entries if entry.tier not in unread]
+        read_entries = [
+            read for entry in entries if (read := _as_read(facts, org, entry)) is not None
+        ]
+        if read_entries:
             rows += _provider_discrepancies(facts, org, read_entries)
             rows += _cap_exceeded(facts, org, entries, read_entries)
     rows += counter_discrepancies(inputs, keys, pricing, rules)
     return rows
+
+
+def _as_read(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> TierNumbers | None:
+    """The entry restricted to the (provider, customer)s whose provider was read for
+    its tier — what the ledger sent there and what they hold — or None when nothing
+    of it could be compared. Rows keyed None are the org's current target."""
+    current = (org.provider, org.customer) if org.provider and org.customer else None
+    targets: dict[Target | None, AtTarget] = {}
+    for target, numbers in entry.targets.items():
+        resolved = target or current
+        if resolved is not None and facts.tier_read(resolved[0], entry.tier):
+            found = targets.setdefault(resolved, AtTarget())
+            found.sent += numbers.sent
+            found.recorded += numbers.recorded
+    if current is not None and facts.tier_read(current[0], entry.tier):
+        targets.setdefault(current, AtTarget())
+    if not targets:
+        return None
+    return replace(
+        entry,
+        sent=sum(numbers.sent for numbers in targets.values()),
+        recorded=sum(numbers.recorded for numbers in targets.values()),
+        targets=targets,
+    )
 
 
 def _unpushed_row(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> dict:
@@ -229,66 +260,85 @@ def _tier_mismatch_row(
 
 
 def _provider_rows(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> list[dict]:
-    day, org_id = facts.inputs.usage_date, entry.org_id
-    common: dict[str, Any] = {
-        "tier": entry.tier,
-        "provider": org.provider,
-        "billable": entry.billable,
-        "sent": entry.sent,
-        "recorded": entry.recorded,
-        "counter": entry.counter,
-    }
-    rows = []
-    if entry.sent > 0 and entry.recorded == 0:
-        rows.append(
-            discrepancy_row(
-                day,
-                Kind.PROVIDER_MISSING,
-                org_id,
-                delta=-entry.sent,
-                dollars=facts.dollars(-entry.sent, entry.tier),
-                detail=f"ledger sent {entry.sent} s; the provider holds nothing for the day",
-                **common,
-            )
-        )
-    elif entry.recorded < entry.sent:
-        delta = entry.recorded - entry.sent
-        rows.append(
-            discrepancy_row(
-                day,
-                Kind.PROVIDER_UNDER,
-                org_id,
-                delta=delta,
-                dollars=facts.dollars(delta, entry.tier),
-                detail=(
-                    f"ledger sent {entry.sent} s, provider holds {entry.recorded} s: "
-                    f"{-delta} s not charged (revenue leakage)"
-                ),
-                **common,
-            )
-        )
+    """provider_missing/under per (provider, customer) the usage went to: it holds
+    less than the ledger sent there. provider_over on the org's total across them:
+    more is held than is billable (a move or a rename is neither)."""
+    rows = [
+        row
+        for target, numbers in sorted(entry.targets.items(), key=lambda item: str(item[0]))
+        if target is not None and (row := _short_row(facts, entry, target, numbers)) is not None
+    ]
     if entry.recorded > entry.billable:
-        over = entry.recorded - entry.billable
-        covered = facts.credited.get((org_id, entry.tier), 0)
-        pending_push = facts.proposed_push.get((org_id, entry.tier), 0)
-        detail = f"provider holds {entry.recorded} s, billable {entry.billable} s: over-charged"
-        if covered:
-            detail += f"; {covered} s already credited"
-        if pending_push:
-            detail += f"; {pending_push} s proposed by usage_push (push_over_sent)"
-        rows.append(
-            discrepancy_row(
-                day,
-                Kind.PROVIDER_OVER,
-                org_id,
-                delta=over,
-                dollars=facts.dollars(over, entry.tier),
-                detail=detail,
-                explained=covered >= over,
-                **common,
-            )
-        )
+        rows.append(_over_row(facts, org, entry))
     return rows
+
+
+def _short_row(
+    facts: _DayFacts, entry: TierNumbers, target: Target, numbers: AtTarget
+) -> dict | None:
+    if numbers.recorded >= numbers.sent:
+        return None
+    provider, customer = target
+    delta = numbers.recorded - numbers.sent
+    where = "" if len(entry.targets) == 1 else f" at {provider} customer {customer}"
+    if numbers.recorded == 0:
+        kind = Kind.PROVIDER_MISSING
+        detail = f"ledger sent {numbers.sent} s{where}; the provider holds nothing for the day"
+    else:
+        kind = Kind.PROVIDER_UNDER
+        detail = (
+            f"ledger sent {numbers.sent} s{where}, provider holds {numbers.recorded} s: "
+            f"{-delta} s not charged (revenue leakage)"
+        )
+    return discrepancy_row(
+        facts.inputs.usage_date,
+        kind,
+        entry.org_id,
+        tier=entry.tier,
+        provider=provider,
+        customer=customer,
+        billable=entry.billable,
+        sent=numbers.sent,
+        recorded=numbers.recorded,
+        counter=entry.counter,
+        delta=delta,
+        dollars=facts.dollars(delta, entry.tier),
+        detail=detail,
+    )
+
+
+def _over_row(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> dict:
+    """The excess over billable, at the (provider, customer) holding the most beyond
+    what the ledger sent there (where a credit hands it back)."""
+    over = entry.recorded - entry.billable
+    provider, customer = max(
+        ((target, numbers) for target, numbers in entry.targets.items() if target is not None),
+        key=lambda item: (item[1].recorded - item[1].sent, item[1].recorded),
+        default=((org.provider, org.customer), AtTarget()),
+    )[0]
+    covered = facts.credited.get((entry.org_id, entry.tier), 0)
+    pending_push = facts.proposed_push.get((entry.org_id, entry.tier), 0)
+    detail = f"provider holds {entry.recorded} s, billable {entry.billable} s: over-charged"
+    if covered:
+        detail += f"; {covered} s already credited"
+    if pending_push:
+        detail += f"; {pending_push} s proposed by usage_push (push_over_sent)"
+    return discrepancy_row(
+        facts.inputs.usage_date,
+        Kind.PROVIDER_OVER,
+        entry.org_id,
+        tier=entry.tier,
+        provider=provider,
+        customer=customer,
+        billable=entry.billable,
+        sent=entry.sent,
+        recorded=entry.recorded,
+        counter=entry.counter,
+        delta=over,
+        dollars=facts.dollars(over, entry.tier),
+        detail=detail,
+        explained=covered >= over,
+    )
 
 
 def _cap_exceeded(

@@ -1,6 +1,6 @@
-SELECT usage_date, kind, org_id, tier, instance_id, provider, billable_seconds, sent_seconds,
-       provider_seconds, counter_seconds, delta_seconds, dollar_impact, money_moving, explained,
-       detail
+SELECT usage_date, kind, org_id, tier, instance_id, provider, customer_id, billable_seconds,
+       sent_seconds, provider_seconds, counter_seconds, delta_seconds, dollar_impact,
+       money_moving, explained, detail
 FROM billing.discrepancies
 WHERE usage_date = %(usage_date)s
 ORDER BY discrepancy_id
