@@ -23,6 +23,32 @@ from assets.pricing import Pricing
 Kind = DiscrepancyKind
 
 
+def _counter_row(
+    day: dt.date,
+    pricing: Pricing,
+    kind: DiscrepancyKind,
+    entry: TierNumbers,
+    provider: str | None,
+    delta: int,
+    priced: int,
+    detail: str,
+) -> dict:
+    """`priced`: the seconds the dollar impact is of (billable for a missing counter)."""
+    return discrepancy_row(
+        day,
+        kind,
+        entry.org_id,
+        tier=entry.tier,
+        provider=provider,
+        billable=entry.billable,
+        sent=entry.sent,
+        counter=entry.counter,
+        delta=delta,
+        dollars=list_dollars(pricing, priced, entry.tier),
+        detail=detail,
+    )
+
+
 def counter_discrepancies(
     inputs: ReconcileInputs,
     keys: dict[tuple[str, str], TierNumbers],
@@ -37,25 +63,25 @@ def counter_discrepancies(
         return []
     orgs = org_facts(inputs, rules)
     rows = []
-    for (org_id, tier), entry in sorted(keys.items()):
+    for (org_id, _tier), entry in sorted(keys.items()):
         provider = orgs.get(org_id, OrgFacts()).provider
+
         if entry.counter is None:
             if entry.runtime > 0:
+                detail = (
+                    f"metered runtime {entry.runtime} s; the control plane has no "
+                    "usage counter for this org, day and tier"
+                )
                 rows.append(
-                    discrepancy_row(
+                    _counter_row(
                         day,
+                        pricing,
                         Kind.MISSING_COUNTER,
-                        org_id,
-                        tier=tier,
-                        provider=provider,
-                        billable=entry.billable,
-                        sent=entry.sent,
-                        delta=-entry.runtime,
-                        dollars=list_dollars(pricing, -entry.billable, tier),
-                        detail=(
-                            f"metered runtime {entry.runtime} s; the control plane has no "
-                            "usage counter for this org, day and tier"
-                        ),
+                        entry,
+                        provider,
+                        -entry.runtime,
+                        -entry.billable,
+                        detail,
                     )
                 )
             continue
@@ -64,22 +90,13 @@ def counter_discrepancies(
             rules.counter_tolerance_s, entry.runtime * rules.counter_tolerance_percent / 100
         )
         if abs(drift) > tolerance:
+            detail = (
+                f"control-plane counter {entry.counter} s vs metered runtime "
+                f"{entry.runtime} s ({drift:+d} s, tolerance {tolerance:.0f} s)"
+            )
             rows.append(
-                discrepancy_row(
-                    day,
-                    Kind.COUNTER_DRIFT,
-                    org_id,
-                    tier=tier,
-                    provider=provider,
-                    billable=entry.billable,
-                    sent=entry.sent,
-                    counter=entry.counter,
-                    delta=drift,
-                    dollars=list_dollars(pricing, drift, tier),
-                    detail=(
-                        f"control-plane counter {entry.counter} s vs metered runtime "
-                        f"{entry.runtime} s ({drift:+d} s, tolerance {tolerance:.0f} s)"
-                    ),
+                _counter_row(
+                    day, pricing, Kind.COUNTER_DRIFT, entry, provider, drift, drift, detail
                 )
             )
     return rows

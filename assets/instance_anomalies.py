@@ -25,6 +25,27 @@ def _iso(value: Any) -> str:
     return stamp.isoformat() if stamp is not None else "?"
 
 
+def _unbilled_row(
+    inputs: ReconcileInputs,
+    pricing: Pricing,
+    kind: DiscrepancyKind,
+    instance: Any,
+    seconds: int,
+    detail: str,
+) -> dict:
+    """One instance's unbilled seconds (negative delta), priced at its tier's rate."""
+    return discrepancy_row(
+        inputs.usage_date,
+        kind,
+        instance.org_id,
+        tier=instance.tier,
+        instance_id=instance.instance_id,
+        delta=-seconds,
+        dollars=list_dollars(pricing, -seconds, instance.tier),
+        detail=detail,
+    )
+
+
 def instance_discrepancies(
     inputs: ReconcileInputs, pricing: Pricing, rules: ReconcileRules
 ) -> list[dict]:
@@ -50,22 +71,12 @@ def instance_discrepancies(
                 continue
             span = int((as_of - max(silent_since, day_start)).total_seconds())
             seen = f"last heartbeat {last.isoformat()}" if last else "no heartbeat ever"
-            rows.append(
-                discrepancy_row(
-                    day,
-                    Kind.STUCK_INSTANCE,
-                    row.org_id,
-                    tier=row.tier,
-                    instance_id=row.instance_id,
-                    delta=-span,
-                    dollars=list_dollars(pricing, -span, row.tier),
-                    detail=(
-                        f"status running but {seen}: silent for more than "
-                        f"{int(rules.stuck_after.total_seconds() // 60)} min as of "
-                        f"{as_of.isoformat()}; {span} s of the day unaccounted"
-                    ),
-                )
+            detail = (
+                f"status running but {seen}: silent for more than "
+                f"{int(rules.stuck_after.total_seconds() // 60)} min as of "
+                f"{as_of.isoformat()}; {span} s of the day unaccounted"
             )
+            rows.append(_unbilled_row(inputs, pricing, Kind.STUCK_INSTANCE, row, span, detail))
     by_id = {row.instance_id: row for row in instances.itertuples(index=False)}
     for row in inputs.get("zombies").sort_values("instance_id").itertuples(index=False):
         instance = by_id.get(row.instance_id)
@@ -73,20 +84,10 @@ def instance_discrepancies(
             continue
         seconds = min(int(row.heartbeats) * rules.metering.heartbeat_interval_s, SECONDS_PER_DAY)
         stopped = as_utc(instance.stopped_at)
-        rows.append(
-            discrepancy_row(
-                day,
-                Kind.ZOMBIE_INSTANCE,
-                instance.org_id,
-                tier=instance.tier,
-                instance_id=row.instance_id,
-                delta=-seconds,
-                dollars=list_dollars(pricing, -seconds, instance.tier),
-                detail=(
-                    f"{int(row.heartbeats)} heartbeats after stopped_at "
-                    f"{_iso(stopped)} (first {_iso(row.first_at)}, last {_iso(row.last_at)})"
-                    f"; quarantined, not billed: the instance may still be running"
-                ),
-            )
+        detail = (
+            f"{int(row.heartbeats)} heartbeats after stopped_at "
+            f"{_iso(stopped)} (first {_iso(row.first_at)}, last {_iso(row.last_at)})"
+            f"; quarantined, not billed: the instance may still be running"
         )
+        rows.append(_unbilled_row(inputs, pricing, Kind.ZOMBIE_INSTANCE, instance, seconds, detail))
     return rows

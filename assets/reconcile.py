@@ -122,6 +122,37 @@ class _DayFacts:
     def dollars(self, seconds: int | None, tier: str | None) -> Decimal | None:
         return list_dollars(self.pricing, seconds, tier)
 
+    def tier_row(
+        self,
+        kind: DiscrepancyKind,
+        entry: TierNumbers,
+        *,
+        provider: str | None,
+        sent: int,
+        recorded: int | None,
+        delta: int,
+        detail: str,
+        customer: str | None = None,
+        explained: bool = False,
+    ) -> dict:
+        """A discrepancy of one (org, tier), priced at the tier's list rate."""
+        return discrepancy_row(
+            self.inputs.usage_date,
+            kind,
+            entry.org_id,
+            tier=entry.tier,
+            provider=provider,
+            customer=customer,
+            billable=entry.billable,
+            sent=sent,
+            recorded=recorded,
+            counter=entry.counter,
+            delta=delta,
+            dollars=self.dollars(delta, entry.tier),
+            detail=detail,
+            explained=explained,
+        )
+
     def tier_read(self, provider: str, tier: str) -> bool:
         """The provider was read for the day and could read this tier."""
         return provider in self.readable and tier not in self.readable[provider]
@@ -199,18 +230,13 @@ def _unpushed_row(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> dict:
     if explained:
         detail += "; report-only run: nothing was pushed"
     org_read = org.provider in facts.readable and org.customer is not None
-    return discrepancy_row(
-        inputs.usage_date,
+    return facts.tier_row(
         kind,
-        entry.org_id,
-        tier=entry.tier,
+        entry,
         provider=org.provider,
-        billable=entry.billable,
         sent=entry.sent,
         recorded=entry.recorded if org_read else None,
-        counter=entry.counter,
         delta=-missing_s,
-        dollars=facts.dollars(-missing_s, entry.tier),
         detail=detail,
         explained=explained,
     )
@@ -237,19 +263,13 @@ def _provider_discrepancies(
 def _tier_mismatch_row(
     facts: _DayFacts, org: OrgFacts, entry: TierNumbers, sent_total: int, recorded_total: int
 ) -> dict:
-    delta = entry.recorded - entry.sent
-    return discrepancy_row(
-        facts.inputs.usage_date,
+    return facts.tier_row(
         Kind.TIER_MISMATCH,
-        entry.org_id,
-        tier=entry.tier,
+        entry,
         provider=org.provider,
-        billable=entry.billable,
         sent=entry.sent,
         recorded=entry.recorded,
-        counter=entry.counter,
-        delta=delta,
-        dollars=facts.dollars(delta, entry.tier),
+        delta=entry.recorded - entry.sent,
         detail=(
             f"org-day totals agree ({sent_total} s sent, {recorded_total} s "
             f"recorded) but {entry.tier} holds {entry.recorded} s for "
@@ -290,19 +310,14 @@ def _short_row(
             f"ledger sent {numbers.sent} s{where}, provider holds {numbers.recorded} s: "
             f"{-delta} s not charged (revenue leakage)"
         )
-    return discrepancy_row(
-        facts.inputs.usage_date,
+    return facts.tier_row(
         kind,
-        entry.org_id,
-        tier=entry.tier,
+        entry,
         provider=provider,
         customer=customer,
-        billable=entry.billable,
         sent=numbers.sent,
         recorded=numbers.recorded,
-        counter=entry.counter,
         delta=delta,
-        dollars=facts.dollars(delta, entry.tier),
         detail=detail,
     )
 
@@ -323,19 +338,14 @@ def _over_row(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> dict:
         detail += f"; {covered} s already credited"
     if pending_push:
         detail += f"; {pending_push} s proposed by usage_push (push_over_sent)"
-    return discrepancy_row(
-        facts.inputs.usage_date,
+    return facts.tier_row(
         Kind.PROVIDER_OVER,
-        entry.org_id,
-        tier=entry.tier,
+        entry,
         provider=provider,
         customer=customer,
-        billable=entry.billable,
         sent=entry.sent,
         recorded=entry.recorded,
-        counter=entry.counter,
         delta=over,
-        dollars=facts.dollars(over, entry.tier),
         detail=detail,
         explained=covered >= over,
     )
