@@ -11,8 +11,11 @@ ever goes out; a decrease cancels young Stripe events or becomes a credit propos
 import datetime as dt
 import time
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeAlias, cast
 
 import pandas as pd
+import psycopg
 from dagster import (
     AssetExecutionContext,
     Failure,
@@ -23,20 +26,67 @@ from dagster import (
 
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
+from resources.calendar import past_stripe_window, usage_noon
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
-from resources.calendar import STRIPE_EVENT_WINDOW as STRIPE_MAX_EVENT_AGE
-from resources.providers import (
-    ProviderError,
-    ProvidersResource,
-    UsageEvent,
-)
+from resources.providers import BillingProvider, ProviderError, ProvidersResource, UsageEvent
 from resources.settings import RunMode
 
 # Stripe accepts cancellations, and dedupes identifiers, for 24 h; stay clear of the edge.
 CANCEL_WINDOW = dt.timedelta(hours=23, minutes=30)
 DEDUPE_WINDOW = dt.timedelta(hours=23)
 SEND_BATCH = 2000
-ACTIVE = ("pending", "sent")
+
+
+class LedgerStatus(StrEnum):
+    """billing.usage_push_ledger.status (CHECK constraint: migration 0002, widened by
+    0008 with cancel_refused)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    # A cancel the provider refused: the event stands. Nothing here writes it yet
+    # (a refused cancel is still marked sent), so the plan does not count it in ACTIVE.
+    CANCEL_REFUSED = "cancel_refused"
+
+
+# Rows whose seconds the provider holds, or is about to: they count as delivered.
+ACTIVE = frozenset({LedgerStatus.PENDING, LedgerStatus.SENT})
+
+
+class PushActionKind(StrEnum):
+    """What `plan_push` asks for one (org, tier)."""
+
+    RESEND = "resend"  # a pending row, again, with its identifier and quantity
+    VERIFY = "verify"  # a Stripe resend past the dedupe window: ask the provider first
+    CANCEL = "cancel"
+    SEND = "send"
+    CREDIT = "credit"
+    REFUSE = "refuse"
+
+
+# The kinds that talk to the provider (and so need its client).
+PROVIDER_KINDS = frozenset(
+    {PushActionKind.RESEND, PushActionKind.VERIFY, PushActionKind.CANCEL, PushActionKind.SEND}
+)
+TARGET_COLUMNS = ["org_id", "tier", "billable_seconds"]
+LEDGER_COLUMNS = [
+    "org_id",
+    "tier",
+    "seq",
+    "provider",
+    "customer_id",
+    "quantity",
+    "identifier",
+    "status",
+    "sent_at",
+    "created_at",
+]
+# A row of `ledger.itertuples()`: the columns of push/ledger.sql.
+LedgerRow: TypeAlias = Any
+# Counters for the asset's metadata.
+Stats: TypeAlias = dict[str, int]
 
 
 def identifier_for(org_id: str, usage_date: dt.date, tier: str, seq: int) -> str:
@@ -45,9 +95,7 @@ def identifier_for(org_id: str, usage_date: dt.date, tier: str, seq: int) -> str
 
 @dataclass(frozen=True)
 class PushAction:
-    # resend | verify (a Stripe resend past the dedupe window: ask the provider
-    # first) | cancel | send | credit | refuse
-    kind: str
+    kind: PushActionKind
     org_id: str
     tier: str
     provider: str | None
@@ -56,6 +104,33 @@ class PushAction:
     seq: int = 0
     identifier: str = ""
     reason: str = ""
+
+
+# ---------------------------------------------------------------------------
+# The plan (pure)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OrgTier:
+    """One (org, tier) of the day and the seq its next new event takes."""
+
+    org_id: str
+    tier: str
+    usage_date: dt.date
+    next_seq: int
+
+    def send(self, provider: str | None, customer: str | None, seconds: int) -> PushAction:
+        return PushAction(
+            PushActionKind.SEND,
+            self.org_id,
+            self.tier,
+            provider,
+            customer,
+            seconds,
+            self.next_seq,
+            identifier_for(self.org_id, self.usage_date, self.tier, self.next_seq),
+        )
 
 
 def plan_push(
@@ -69,14 +144,14 @@ def plan_push(
 
     targets: org_id, tier, billable_seconds. orgs: org_id, provider,
     provider_customer_id. ledger: the day's rows (org_id, tier, seq, provider,
-    customer_id, quantity, identifier, status, sent_at)."""
+    customer_id, quantity, identifier, status, sent_at, created_at).
+    Returns resends (and verifies), then cancels, then sends, then refusals and
+    credits, each group in (org_id, tier) order."""
     org_info = {row.org_id: row for row in orgs.itertuples(index=False)}
     wanted = {
         (row.org_id, row.tier): int(row.billable_seconds) for row in targets.itertuples(index=False)
     }
-    rows_by_key: dict[tuple[str, str], list] = {}
-    for row in ledger.itertuples(index=False):
-        rows_by_key.setdefault((row.org_id, row.tier), []).append(row)
+    rows_by_key = _ledger_by_key(ledger)
 
     resends: list[PushAction] = []
     cancels: list[PushAction] = []
@@ -85,90 +160,118 @@ def plan_push(
     for org_id, tier in sorted(set(wanted) | set(rows_by_key)):
         target = wanted.get((org_id, tier), 0)
         rows = rows_by_key.get((org_id, tier), [])
-        info = org_info.get(org_id)
-        provider = getattr(info, "provider", None)
-        customer = getattr(info, "provider_customer_id", None)
-        customer = None if customer is None or pd.isna(customer) or not customer else customer
-        next_seq = max((int(row.seq) for row in rows), default=0) + 1
+        provider, customer = _account(org_info.get(org_id))
+        key = _OrgTier(org_id, tier, usage_date, max((int(row.seq) for row in rows), default=0) + 1)
 
-        for row in rows:
-            if row.status == "pending":
-                # Past Stripe's 24 h identifier dedupe a blind re-send could count twice.
-                stale = (
-                    row.provider == "stripe"
-                    and getattr(row, "created_at", None) is not None
-                    and now - row.created_at >= DEDUPE_WINDOW
-                )
-                resends.append(_from_row("verify" if stale else "resend", row))
-            elif row.status == "cancelling":
-                cancels.append(_from_row("cancel", row))
+        pending, cancelling = _pending_actions(rows, now)
+        resends.extend(pending)
+        cancels.extend(cancelling)
         delivered = sum(int(row.quantity) for row in rows if row.status in ACTIVE)
-        delta = target - delivered
-        if delta == 0:
-            continue
-        if delta > 0:
-            refusal = _refusal(provider, customer, usage_date, now)
-            if refusal:
-                others.append(
-                    PushAction("refuse", org_id, tier, provider, customer, delta, reason=refusal)
-                )
-                continue
-            sends.append(
-                PushAction(
-                    "send",
-                    org_id,
-                    tier,
-                    provider,
-                    customer,
-                    delta,
-                    next_seq,
-                    identifier_for(org_id, usage_date, tier, next_seq),
-                )
-            )
-            continue
-        # Fewer seconds than already sent: never a negative event. Young Stripe events
-        # are cancelled; what is left beyond the target becomes a credit proposal.
-        row_provider = rows[0].provider
-        cancellable = [
-            row
-            for row in rows
-            if row_provider == "stripe"
-            and row.status == "sent"
-            and row.sent_at is not None
-            and not pd.isna(row.sent_at)
-            and now - row.sent_at < CANCEL_WINDOW
-        ]
-        cancels.extend(_from_row("cancel", row) for row in cancellable)
-        kept = delivered - sum(int(row.quantity) for row in cancellable)
-        if kept < target:
-            sends.append(
-                PushAction(
-                    "send",
-                    org_id,
-                    tier,
-                    row_provider,
-                    customer or rows[0].customer_id,
-                    target - kept,
-                    next_seq,
-                    identifier_for(org_id, usage_date, tier, next_seq),
-                )
-            )
-        elif kept > target:
-            others.append(
-                PushAction(
-                    "credit",
-                    org_id,
-                    tier,
-                    row_provider,
-                    rows[0].customer_id,
-                    kept - target,
-                    reason=f"{kept} s delivered, past the cancel window; billable {target} s",
-                )
-            )
+        if target > delivered:
+            action = _increase(key, provider, customer, target - delivered, now)
+            (others if action.kind == PushActionKind.REFUSE else sends).append(action)
+        elif target < delivered:
+            young, remainder = _decrease(key, customer, rows, target, delivered, now)
+            cancels.extend(young)
+            if remainder is not None:
+                (sends if remainder.kind == PushActionKind.SEND else others).append(remainder)
     return resends + cancels + sends + others
 
 
-def _from_row(kind: str, row) -> PushAction:
+def _ledger_by_key(ledger: pd.DataFrame) -> dict[tuple[str, str], list[LedgerRow]]:
+    """The day's ledger rows per (org_id, tier), in the frame's order."""
+    rows_by_key: dict[tuple[str, str], list[LedgerRow]] = {}
+    for row in ledger.itertuples(index=False):
+        rows_by_key.setdefault((row.org_id, row.tier), []).append(row)
+    return rows_by_key
+
+
+def _account(info: Any) -> tuple[str | None, str | None]:
+    """(provider, customer id) of an organizations row; no row, or a missing or empty
+    customer id, gives None."""
+    provider = getattr(info, "provider", None)
+    customer = getattr(info, "provider_customer_id", None)
+    customer = None if customer is None or pd.isna(customer) or not customer else customer
+    return provider, customer
+
+
+def _pending_actions(
+    rows: list[LedgerRow], now: dt.datetime
+) -> tuple[list[PushAction], list[PushAction]]:
+    """(resends, cancels) for rows a previous run left unfinished: pending rows are
+    re-sent (verified first when Stripe's dedupe window has passed), cancelling rows
+    are cancelled again."""
+    resends: list[PushAction] = []
+    cancels: list[PushAction] = []
+    for row in rows:
+        if row.status == LedgerStatus.PENDING:
+            # Past Stripe's 24 h identifier dedupe a blind re-send could count twice.
+            stale = (
+                row.provider == "stripe"
+                and getattr(row, "created_at", None) is not None
+                and now - row.created_at >= DEDUPE_WINDOW
+            )
+            kind = PushActionKind.VERIFY if stale else PushActionKind.RESEND
+            resends.append(_from_row(kind, row))
+        elif row.status == LedgerStatus.CANCELLING:
+            cancels.append(_from_row(PushActionKind.CANCEL, row))
+    return resends, cancels
+
+
+def _increase(
+    key: _OrgTier, provider: str | None, customer: str | None, seconds: int, now: dt.datetime
+) -> PushAction:
+    """More billable seconds than delivered: send the difference, unless refused."""
+    refusal = _refusal(provider, customer, key.usage_date, now)
+    if refusal:
+        return PushAction(
+            PushActionKind.REFUSE, key.org_id, key.tier, provider, customer, seconds, reason=refusal
+        )
+    return key.send(provider, customer, seconds)
+
+
+def _decrease(
+    key: _OrgTier,
+    customer: str | None,
+    rows: list[LedgerRow],
+    target: int,
+    delivered: int,
+    now: dt.datetime,
+) -> tuple[list[PushAction], PushAction | None]:
+    """Fewer seconds than already delivered: never a negative event. Young Stripe
+    events are cancelled; if that cancels too much, the remainder is sent again
+    (next seq); what is left beyond the target becomes a credit proposal.
+    Returns (cancels, the send or credit or None). Provider and customer come
+    from the first ledger row."""
+    row_provider = rows[0].provider
+    cancellable = [
+        row
+        for row in rows
+        if row_provider == "stripe"
+        and row.status == LedgerStatus.SENT
+        and row.sent_at is not None
+        and not pd.isna(row.sent_at)
+        and now - row.sent_at < CANCEL_WINDOW
+    ]
+    cancels = [_from_row(PushActionKind.CANCEL, row) for row in cancellable]
+    kept = delivered - sum(int(row.quantity) for row in cancellable)
+    if kept < target:
+        return cancels, key.send(row_provider, customer or rows[0].customer_id, target - kept)
+    if kept > target:
+        credit = PushAction(
+            PushActionKind.CREDIT,
+            key.org_id,
+            key.tier,
+            row_provider,
+            rows[0].customer_id,
+            kept - target,
+            reason=f"{kept} s delivered, past the cancel window; billable {target} s",
+        )
+        return cancels, credit
+    return cancels, None
+
+
+def _from_row(kind: PushActionKind, row: LedgerRow) -> PushAction:
     """An action on an existing ledger row (same identifier, same quantity)."""
     return PushAction(
         kind,
@@ -189,10 +292,9 @@ def _refusal(
         return f"unknown provider {provider!r}; set organizations.provider to stripe or polar"
     if customer is None:
         return "no provider_customer_id; set it on the organization, then re-run the day"
-    noon = dt.datetime.combine(usage_date, dt.time(12), tzinfo=dt.UTC)
-    if provider == "stripe" and now - noon > STRIPE_MAX_EVENT_AGE:
+    if provider == "stripe" and past_stripe_window(usage_date, now):
         return "older than 35 days: Stripe refuses the event; issue an invoice item by hand"
-    if noon - now > dt.timedelta(minutes=5):
+    if usage_noon(usage_date) - now > dt.timedelta(minutes=5):
         return "usage day not yet at noon UTC: the provider refuses future timestamps"
     return ""
 
@@ -203,56 +305,67 @@ def _refusal(
 
 
 def _event(action: PushAction, usage_date: dt.date) -> UsageEvent:
-    return UsageEvent(
-        action.identifier, action.customer_id, action.tier, action.seconds, usage_date
-    )
+    # Only ledger rows (customer_id NOT NULL) and unrefused sends reach a provider.
+    customer = cast(str, action.customer_id)
+    return UsageEvent(action.identifier, customer, action.tier, action.seconds, usage_date)
 
 
-def _mark(connection, updates: list[dict]) -> None:
+def _mark(connection: psycopg.Connection, updates: list[dict[str, str | None]]) -> None:
     if updates:
         with connection.cursor() as cursor:
             cursor.executemany(load_sql("push/mark.sql"), updates)
         connection.commit()
 
 
-def _update(identifier: str, status: str, error: str | None = None) -> dict:
+def _update(
+    identifier: str, status: LedgerStatus, error: str | None = None
+) -> dict[str, str | None]:
     return {"identifier": identifier, "status": status, "last_error": error}
 
 
 def push_day(
-    connection,
+    connection: psycopg.Connection,
     providers: ProvidersResource,
     usage_date: dt.date,
     now: dt.datetime,
     orgs: pd.DataFrame,
-) -> dict:
+) -> dict[str, Any]:
     """Run the plan for one day on a billing-database connection that holds the
     day's push lock. `orgs` (org_id, provider, provider_customer_id) comes from the
-    control plane, which may be another database. Returns counters for metadata."""
+    control plane, which may be another database. Returns counters for metadata,
+    plus `errors` (messages) and `retryable` (some error is not a configuration one)."""
     params = {"usage_date": usage_date}
+    targets, ledger = _read_day(connection, params)
+    actions = plan_push(usage_date, targets, orgs, ledger, now)
+    stats = _new_stats()
+    _record_refusals_and_credits(connection, actions, params, stats)
+    clients, errors = _open_clients(providers, actions)
+    config_errors = len(errors)
+    for provider, client in clients.items():
+        error = _push_provider(
+            connection, providers, provider, client, actions, ledger, usage_date, stats
+        )
+        if error is not None:
+            errors.append(error)
+    return {**stats, "errors": errors, "retryable": len(errors) > config_errors}
+
+
+def _read_day(
+    connection: psycopg.Connection, params: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(targets, ledger) of the day; an empty result still has its columns."""
     targets = read_frame(connection, "push/targets.sql", params)
     if targets.empty:
-        targets = pd.DataFrame(columns=["org_id", "tier", "billable_seconds"])
+        targets = pd.DataFrame(columns=TARGET_COLUMNS)
     ledger = read_frame(connection, "push/ledger.sql", params)
     if ledger.empty:
-        ledger = pd.DataFrame(
-            columns=[
-                "org_id",
-                "tier",
-                "seq",
-                "provider",
-                "customer_id",
-                "quantity",
-                "identifier",
-                "status",
-                "sent_at",
-                "created_at",
-            ]
-        )
+        ledger = pd.DataFrame(columns=LEDGER_COLUMNS)
     connection.commit()
-    actions = plan_push(usage_date, targets, orgs, ledger, now)
+    return targets, ledger
 
-    stats = {
+
+def _new_stats() -> Stats:
+    return {
         "sent": 0,
         "resent": 0,
         "deduplicated": 0,
@@ -263,12 +376,19 @@ def push_day(
         "seconds_stripe": 0,
         "seconds_polar": 0,
     }
-    errors: list[str] = []
-    config_errors = 0
+
+
+def _record_refusals_and_credits(
+    connection: psycopg.Connection,
+    actions: list[PushAction],
+    params: dict[str, Any],
+    stats: Stats,
+) -> None:
+    """Replace the day's refusals and record credit proposals, in one transaction."""
     with connection.cursor() as cursor:
         cursor.execute(load_sql("push/clear_refusals.sql"), params)
         for action in actions:
-            if action.kind == "refuse":
+            if action.kind == PushActionKind.REFUSE:
                 cursor.execute(
                     load_sql("push/refusal.sql"),
                     {
@@ -281,7 +401,7 @@ def push_day(
                     },
                 )
                 stats["refused"] += 1
-            elif action.kind == "credit":
+            elif action.kind == PushActionKind.CREDIT:
                 cursor.execute(
                     load_sql("push/credit_proposal.sql"),
                     {
@@ -296,76 +416,117 @@ def push_day(
                 stats["credit_proposals"] += 1
     connection.commit()
 
-    clients = {}
-    for provider in sorted(
-        {a.provider for a in actions if a.kind in ("resend", "verify", "cancel", "send")}
-    ):
+
+def _open_clients(
+    providers: ProvidersResource, actions: list[PushAction]
+) -> tuple[dict[str, BillingProvider], list[str]]:
+    """A client per provider the plan talks to, in name order, and the messages of
+    those that could not be opened (configuration errors: a missing key or URL)."""
+    clients: dict[str, BillingProvider] = {}
+    errors: list[str] = []
+    # Ledger rows (provider NOT NULL) and unrefused sends always name a provider.
+    needed = cast(set[str], {a.provider for a in actions if a.kind in PROVIDER_KINDS})
+    for provider in sorted(needed):
         try:
             clients[provider] = providers.client(provider)
         except ProviderError as error:
             errors.append(str(error))
-            config_errors += 1
-    for provider, client in clients.items():
-        mine = [a for a in actions if a.provider == provider]
-        started = time.monotonic()
-        try:
-            client.ensure_meters({a.tier for a in mine})
-            verified_missing = _verify_stale_pending(
-                connection,
-                providers,
-                ledger,
-                [a for a in mine if a.kind == "verify"],
-                usage_date,
-                stats,
-            )
-            _deliver(
-                connection,
-                client,
-                [a for a in mine if a.kind == "resend"] + verified_missing,
-                usage_date,
-                stats,
-                resend=True,
-            )
-            _cancel(connection, client, [a for a in mine if a.kind == "cancel"], usage_date, stats)
-            new = [a for a in mine if a.kind == "send"]
-            for start in range(0, len(new), SEND_BATCH):
-                batch = new[start : start + SEND_BATCH]
-                with connection.cursor() as cursor:
-                    cursor.executemany(
-                        load_sql("push/insert_pending.sql"),
-                        [
-                            {
-                                **params,
-                                "org_id": a.org_id,
-                                "tier": a.tier,
-                                "seq": a.seq,
-                                "provider": a.provider,
-                                "customer_id": a.customer_id,
-                                "quantity": a.seconds,
-                                "identifier": a.identifier,
-                            }
-                            for a in batch
-                        ],
-                    )
-                connection.commit()  # pending rows are durable before anything is sent
-                _deliver(connection, client, batch, usage_date, stats, resend=False)
-        except ProviderError as error:
-            errors.append(str(error))
-        stats[f"{provider}_push_ms"] = int((time.monotonic() - started) * 1000)
-        for key, value in client.stats().items():
-            stats[f"{provider}_{key}"] = value
-    stats["errors"] = errors
-    stats["retryable"] = len(errors) > config_errors
-    return stats
+    return clients, errors
+
+
+def _push_provider(
+    connection: psycopg.Connection,
+    providers: ProvidersResource,
+    provider: str,
+    client: BillingProvider,
+    actions: list[PushAction],
+    ledger: pd.DataFrame,
+    usage_date: dt.date,
+    stats: Stats,
+) -> str | None:
+    """One provider's share of the plan, in order: verify stale pending rows, re-send
+    pending rows, cancel, send new events. Records `<provider>_push_ms` and the
+    client's counters; returns the message of the provider error that stopped it."""
+    mine = [a for a in actions if a.provider == provider]
+    started = time.monotonic()
+    failure: str | None = None
+    try:
+        client.ensure_meters({a.tier for a in mine})
+        verified_missing = _verify_stale_pending(
+            connection, providers, ledger, _of_kind(mine, PushActionKind.VERIFY), usage_date, stats
+        )
+        resends = _of_kind(mine, PushActionKind.RESEND) + verified_missing
+        _deliver(connection, client, resends, usage_date, stats, resend=True)
+        _cancel(connection, client, _of_kind(mine, PushActionKind.CANCEL), usage_date, stats)
+        send_exactly_once(
+            connection, client, _of_kind(mine, PushActionKind.SEND), usage_date, stats
+        )
+    except ProviderError as error:
+        failure = str(error)
+    stats[f"{provider}_push_ms"] = int((time.monotonic() - started) * 1000)
+    for key, value in client.stats().items():
+        stats[f"{provider}_{key}"] = value
+    return failure
+
+
+def _of_kind(actions: list[PushAction], kind: PushActionKind) -> list[PushAction]:
+    return [a for a in actions if a.kind == kind]
+
+
+def send_exactly_once(
+    connection: psycopg.Connection,
+    client: BillingProvider,
+    actions: list[PushAction],
+    usage_date: dt.date,
+    stats: Stats,
+) -> None:
+    """Send new events so that each is stored by the provider exactly once.
+
+    In batches of SEND_BATCH: the batch's ledger rows are inserted as `pending` and
+    committed before any of its events leaves, so no event is ever out without a
+    durable row naming its identifier. A row is marked `sent` only after the provider
+    answered `sent` or `duplicate` for that identifier. A crash (or a lost answer)
+    in between leaves the row `pending`; the next run re-sends it first, with the
+    same identifier and quantity, and the provider's identifier dedupe makes a second
+    delivery a `duplicate` (past Stripe's dedupe window the run asks Stripe first,
+    `_verify_stale_pending`). `rejected` means the provider stored nothing under the
+    identifier: the row is marked `failed` and its seconds count as not delivered."""
+    for start in range(0, len(actions), SEND_BATCH):
+        batch = actions[start : start + SEND_BATCH]
+        _insert_pending(connection, batch, usage_date)
+        connection.commit()  # pending rows are durable before anything is sent
+        _deliver(connection, client, batch, usage_date, stats, resend=False)
+
+
+def _insert_pending(
+    connection: psycopg.Connection, actions: list[PushAction], usage_date: dt.date
+) -> None:
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            load_sql("push/insert_pending.sql"),
+            [
+                {
+                    "usage_date": usage_date,
+                    "org_id": a.org_id,
+                    "tier": a.tier,
+                    "seq": a.seq,
+                    "provider": a.provider,
+                    "customer_id": a.customer_id,
+                    "quantity": a.seconds,
+                    "identifier": a.identifier,
+                }
+                for a in actions
+            ],
+        )
 
 
 def _verify_stale_pending(
-    connection,
+    connection: psycopg.Connection,
     providers: ProvidersResource,
     ledger: pd.DataFrame,
     actions: list[PushAction],
     usage_date: dt.date,
-    stats: dict,
+    stats: Stats,
 ) -> list[PushAction]:
     """Pending Stripe rows older than the dedupe window: read what Stripe holds for
     (customer, tier, day). Rows the recorded total already covers (beyond what the
@@ -380,7 +541,7 @@ def _verify_stale_pending(
     for action in actions:
         by_key.setdefault((action.org_id, action.tier), []).append(action)
     for (org_id, tier), pending in by_key.items():
-        customer = pending[0].customer_id
+        customer = cast(str, pending[0].customer_id)  # a ledger row's: NOT NULL
         recorded = reader.recorded_usage(usage_date, [customer], [tier], {}).seconds.get(
             (customer, tier), 0
         )
@@ -392,7 +553,7 @@ def _verify_stale_pending(
                 updates.append(
                     _update(
                         action.identifier,
-                        "sent",
+                        LedgerStatus.SENT,
                         "delivered: verified at Stripe after the dedupe window",
                     )
                 )
@@ -405,8 +566,15 @@ def _verify_stale_pending(
 
 
 def _deliver(
-    connection, client, actions: list[PushAction], usage_date: dt.date, stats: dict, *, resend: bool
+    connection: psycopg.Connection,
+    client: BillingProvider,
+    actions: list[PushAction],
+    usage_date: dt.date,
+    stats: Stats,
+    *,
+    resend: bool,
 ) -> None:
+    """Send events whose rows are already in the ledger; mark each sent or failed."""
     if not actions:
         return
     outcomes = client.send([_event(a, usage_date) for a in actions])
@@ -414,30 +582,36 @@ def _deliver(
     updates = []
     for outcome in outcomes:
         action = by_identifier[outcome.identifier]
-        if outcome.status in ("sent", "duplicate"):
-            updates.append(_update(outcome.identifier, "sent"))
+        if outcome.status in ("sent", "duplicate"):  # the provider's answer (SendOutcome)
+            updates.append(_update(outcome.identifier, LedgerStatus.SENT))
             stats["resent" if resend else "sent"] += 1
             stats["deduplicated"] += outcome.status == "duplicate"
             stats[f"seconds_{action.provider}"] += action.seconds
         else:
             # The provider said no: nothing was stored under this identifier.
-            updates.append(_update(outcome.identifier, "failed", outcome.detail[:500]))
+            updates.append(_update(outcome.identifier, LedgerStatus.FAILED, outcome.detail[:500]))
             stats["rejected"] += 1
     _mark(connection, updates)
 
 
 def _cancel(
-    connection, client, actions: list[PushAction], usage_date: dt.date, stats: dict
+    connection: psycopg.Connection,
+    client: BillingProvider,
+    actions: list[PushAction],
+    usage_date: dt.date,
+    stats: Stats,
 ) -> None:
+    """Cancel events: the row is `cancelling` (committed) before the request, so a
+    crash leaves it to be cancelled again by the next run."""
     for action in actions:
-        _mark(connection, [_update(action.identifier, "cancelling")])
+        _mark(connection, [_update(action.identifier, LedgerStatus.CANCELLING)])
         answer = client.cancel(_event(action, usage_date))
-        if answer == "cancelled":
-            _mark(connection, [_update(action.identifier, "cancelled")])
+        if answer == "cancelled":  # the provider's answer
+            _mark(connection, [_update(action.identifier, LedgerStatus.CANCELLED)])
             stats["cancelled"] += 1
         else:
             # Too late to cancel: the event stands; reconciliation proposes the credit.
-            _mark(connection, [_update(action.identifier, "sent", answer[:500])])
+            _mark(connection, [_update(action.identifier, LedgerStatus.SENT, answer[:500])])
 
 
 @asset(
@@ -471,7 +645,9 @@ def usage_push(
             connection.commit()
     errors = stats.pop("errors")
     retryable = stats.pop("retryable")
-    metadata = {key: MetadataValue.int(int(value)) for key, value in stats.items()}
+    metadata: dict[str, MetadataValue] = {
+        key: MetadataValue.int(int(value)) for key, value in stats.items()
+    }
     metadata["hours_pushed_stripe"] = MetadataValue.float(stats["seconds_stripe"] / 3600)
     metadata["hours_pushed_polar"] = MetadataValue.float(stats["seconds_polar"] / 3600)
     if errors:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from assets.credits import EscalationLevel, ProposalStatus
 from assets.discrepancy import DiscrepancyKind
+from assets.push import LedgerStatus
 from pipelines.freshness import AlertDelivery, FreshnessState
 
 
@@ -40,6 +41,7 @@ def allowed_values(engine: sa.Engine, table: str, column: str) -> set[str]:
         (EscalationLevel, "billing.credit_proposals", "escalation"),
         (FreshnessState, "billing.freshness_alerts", "state"),
         (AlertDelivery, "billing.freshness_alerts", "status"),
+        (LedgerStatus, "billing.usage_push_ledger", "status"),
     ],
 )
 def test_enum_matches_check_constraint(
