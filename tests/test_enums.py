@@ -14,6 +14,7 @@ from assets.credits import EscalationLevel, ProposalStatus
 from assets.discrepancy import DiscrepancyKind
 from assets.push import LedgerStatus
 from pipelines.freshness import AlertDelivery, FreshnessState
+from resources.providers import CorrectionMethod
 
 
 def allowed_values(engine: sa.Engine, table: str, column: str) -> set[str]:
@@ -42,6 +43,7 @@ def allowed_values(engine: sa.Engine, table: str, column: str) -> set[str]:
         (FreshnessState, "billing.freshness_alerts", "state"),
         (AlertDelivery, "billing.freshness_alerts", "status"),
         (LedgerStatus, "billing.usage_push_ledger", "status"),
+        (CorrectionMethod, "billing.billing_corrections", "method"),
     ],
 )
 def test_enum_matches_check_constraint(
