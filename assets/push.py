@@ -9,6 +9,7 @@ ever goes out; a decrease cancels young Stripe events or becomes a credit propos
 """
 
 import datetime as dt
+import hashlib
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,7 +29,13 @@ from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.calendar import past_stripe_window, usage_noon
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
-from resources.providers import BillingProvider, ProviderError, ProvidersResource, UsageEvent
+from resources.providers import (
+    BillingProvider,
+    ProviderError,
+    ProvidersResource,
+    SendStatus,
+    UsageEvent,
+)
 from resources.settings import RunMode
 
 # Stripe accepts cancellations, and dedupes identifiers, for 24 h; stay clear of the edge.
@@ -46,13 +53,15 @@ class LedgerStatus(StrEnum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
-    # A cancel the provider refused: the event stands. Nothing here writes it yet
-    # (a refused cancel is still marked sent), so the plan does not count it in ACTIVE.
+    # A cancel the provider refused: the event stands, is never cancelled again nor
+    # replaced, and what it holds beyond billable becomes a credit proposal.
     CANCEL_REFUSED = "cancel_refused"
 
 
 # Rows whose seconds the provider holds, or is about to: they count as delivered.
-ACTIVE = frozenset({LedgerStatus.PENDING, LedgerStatus.SENT})
+# A `cancelling` row is on its way out; `push_day` sends nothing for its (org, tier)
+# until the provider has answered the cancel.
+ACTIVE = frozenset({LedgerStatus.PENDING, LedgerStatus.SENT, LedgerStatus.CANCEL_REFUSED})
 
 
 class PushActionKind(StrEnum):
@@ -66,10 +75,10 @@ class PushActionKind(StrEnum):
     REFUSE = "refuse"
 
 
-# The kinds that talk to the provider (and so need its client).
-PROVIDER_KINDS = frozenset(
-    {PushActionKind.RESEND, PushActionKind.VERIFY, PushActionKind.CANCEL, PushActionKind.SEND}
-)
+# The kinds that talk to the provider (and so need its client), and those that
+# settle the ledger before anything new is planned and sent.
+SETTLE_KINDS = frozenset({PushActionKind.RESEND, PushActionKind.VERIFY, PushActionKind.CANCEL})
+PROVIDER_KINDS = SETTLE_KINDS | {PushActionKind.SEND}
 TARGET_COLUMNS = ["org_id", "tier", "billable_seconds"]
 LEDGER_COLUMNS = [
     "org_id",
@@ -89,8 +98,19 @@ LedgerRow: TypeAlias = Any
 Stats: TypeAlias = dict[str, int]
 
 
+# Stripe refuses meter-event identifiers longer than 100 characters.
+MAX_IDENTIFIER = 100
+
+
 def identifier_for(org_id: str, usage_date: dt.date, tier: str, seq: int) -> str:
-    return f"tally:{org_id}:{usage_date.isoformat()}:{tier}:{seq}"
+    """`tally:{org}:{day}:{tier}:{seq}`; an org id too long for Stripe's 100
+    characters is replaced by `#` and the first 24 hex digits of its SHA-256 (stable,
+    so a re-run finds the same identifier)."""
+    identifier = f"tally:{org_id}:{usage_date.isoformat()}:{tier}:{seq}"
+    if len(identifier) <= MAX_IDENTIFIER:
+        return identifier
+    digest = hashlib.sha256(org_id.encode()).hexdigest()[:24]
+    return f"tally:#{digest}:{usage_date.isoformat()}:{tier}:{seq}"
 
 
 @dataclass(frozen=True)
@@ -171,10 +191,13 @@ def plan_push(
             action = _increase(key, provider, customer, target - delivered, now)
             (others if action.kind == PushActionKind.REFUSE else sends).append(action)
         elif target < delivered:
-            young, remainder = _decrease(key, customer, rows, target, delivered, now)
+            young, kept = _cancellable(rows, delivered, now)
             cancels.extend(young)
-            if remainder is not None:
-                (sends if remainder.kind == PushActionKind.SEND else others).append(remainder)
+            if kept < target:
+                action = _increase(key, provider, customer, target - kept, now)
+                (others if action.kind == PushActionKind.REFUSE else sends).append(action)
+            elif kept > target:
+                others.append(_credit(key, rows, kept, target))
     return resends + cancels + sends + others
 
 
@@ -230,45 +253,45 @@ def _increase(
     return key.send(provider, customer, seconds)
 
 
-def _decrease(
-    key: _OrgTier,
-    customer: str | None,
-    rows: list[LedgerRow],
-    target: int,
-    delivered: int,
-    now: dt.datetime,
-) -> tuple[list[PushAction], PushAction | None]:
-    """Fewer seconds than already delivered: never a negative event. Young Stripe
-    events are cancelled; if that cancels too much, the remainder is sent again
-    (next seq); what is left beyond the target becomes a credit proposal.
-    Returns (cancels, the send or credit or None). Provider and customer come
-    from the first ledger row."""
-    row_provider = rows[0].provider
-    cancellable = [
+def _cancellable(
+    rows: list[LedgerRow], delivered: int, now: dt.datetime
+) -> tuple[list[PushAction], int]:
+    """Fewer seconds than delivered (never a negative event): cancel the Stripe
+    events the provider accepted less than CANCEL_WINDOW ago (`sent_at` is when it
+    first accepted them). Returns (cancels, seconds kept after them); a shortfall
+    is then sent to the org's current account, an excess proposed as a credit."""
+    young = [
         row
         for row in rows
-        if row_provider == "stripe"
+        if row.provider == "stripe"
         and row.status == LedgerStatus.SENT
         and row.sent_at is not None
         and not pd.isna(row.sent_at)
         and now - row.sent_at < CANCEL_WINDOW
     ]
-    cancels = [_from_row(PushActionKind.CANCEL, row) for row in cancellable]
-    kept = delivered - sum(int(row.quantity) for row in cancellable)
-    if kept < target:
-        return cancels, key.send(row_provider, customer or rows[0].customer_id, target - kept)
-    if kept > target:
-        credit = PushAction(
-            PushActionKind.CREDIT,
-            key.org_id,
-            key.tier,
-            row_provider,
-            rows[0].customer_id,
-            kept - target,
-            reason=f"{kept} s delivered, past the cancel window; billable {target} s",
-        )
-        return cancels, credit
-    return cancels, None
+    kept = delivered - sum(int(row.quantity) for row in young)
+    return [_from_row(PushActionKind.CANCEL, row) for row in young], kept
+
+
+def _credit(key: _OrgTier, rows: list[LedgerRow], kept: int, target: int) -> PushAction:
+    """A credit proposal for what stands beyond billable, at the (provider, customer)
+    that received the most of the day's delivered seconds (latest on a tie)."""
+    received: dict[tuple[str, str], tuple[int, int]] = {}
+    for row in rows:
+        if row.status in ACTIVE:
+            account = (row.provider, row.customer_id)
+            seconds, _ = received.get(account, (0, 0))
+            received[account] = (seconds + int(row.quantity), int(row.seq))
+    provider, customer = max(received, key=lambda account: received[account])
+    return PushAction(
+        PushActionKind.CREDIT,
+        key.org_id,
+        key.tier,
+        provider,
+        customer,
+        kept - target,
+        reason=f"{kept} s delivered, past the cancel window; billable {target} s",
+    )
 
 
 def _from_row(kind: PushActionKind, row: LedgerRow) -> PushAction:
@@ -310,7 +333,7 @@ def _event(action: PushAction, usage_date: dt.date) -> UsageEvent:
     return UsageEvent(action.identifier, customer, action.tier, action.seconds, usage_date)
 
 
-def _mark(connection: psycopg.Connection, updates: list[dict[str, str | None]]) -> None:
+def _mark(connection: psycopg.Connection, updates: list[dict[str, Any]]) -> None:
     if updates:
         with connection.cursor() as cursor:
             cursor.executemany(load_sql("push/mark.sql"), updates)
@@ -318,9 +341,23 @@ def _mark(connection: psycopg.Connection, updates: list[dict[str, str | None]]) 
 
 
 def _update(
-    identifier: str, status: LedgerStatus, error: str | None = None
-) -> dict[str, str | None]:
-    return {"identifier": identifier, "status": status, "last_error": error}
+    identifier: str,
+    status: LedgerStatus,
+    error: str | None = None,
+    *,
+    received_earlier: bool = False,
+) -> dict[str, Any]:
+    """A ledger update. `sent_at` is when the provider first accepted the event: now
+    for a first `sent` answer; for a `duplicate` answer (or a delivery verified at
+    Stripe) it was an earlier attempt, so the row's creation time, the earliest it
+    can have been — the cancel window is judged from then, never from a re-send.
+    Any re-send counts as received earlier: its answer may be a replay."""
+    return {
+        "identifier": identifier,
+        "status": status,
+        "last_error": error,
+        "received_earlier": received_earlier,
+    }
 
 
 def push_day(
@@ -338,15 +375,50 @@ def push_day(
     targets, ledger = _read_day(connection, params)
     actions = plan_push(usage_date, targets, orgs, ledger, now)
     stats = _new_stats()
-    _record_refusals_and_credits(connection, actions, params, stats)
     clients, errors = _open_clients(providers, actions)
     config_errors = len(errors)
+    # Phase 1, every provider: settle what earlier runs left open and cancel young
+    # events. Only then is the day planned again from the ledger as it now stands,
+    # so a refused cancel is never replaced and a move of provider never sends new
+    # usage before the old provider's cancel is confirmed.
+    stopped: set[str] = set()
+    if any(action.kind in SETTLE_KINDS for action in actions):
+        for provider, client in clients.items():
+            error = _settle_provider(connection, client, actions, ledger, usage_date, stats)
+            if error is not None:
+                errors.append(error)
+                stopped.add(provider)
+        targets, ledger = _read_day(connection, params)
+        actions = plan_push(usage_date, targets, orgs, ledger, now)
+        more, more_errors = _open_clients(providers, actions, opened=clients)
+        clients.update(more)
+        errors += more_errors
+        config_errors += len(more_errors)
+    # Phase 2: refusals and credit proposals, then the new events — none for an
+    # (org, tier) whose cancel is still unanswered (a provider error stopped it).
+    _record_refusals_and_credits(connection, actions, params, stats)
+    unsettled = {
+        (row.org_id, row.tier)
+        for row in ledger.itertuples(index=False)
+        if row.status == LedgerStatus.CANCELLING
+    }
     for provider, client in clients.items():
-        error = _push_provider(
-            connection, providers, provider, client, actions, ledger, usage_date, stats
-        )
-        if error is not None:
-            errors.append(error)
+        started = time.monotonic()
+        if provider not in stopped:
+            sends = [
+                a
+                for a in actions
+                if a.provider == provider
+                and a.kind == PushActionKind.SEND
+                and (a.org_id, a.tier) not in unsettled
+            ]
+            try:
+                if sends:
+                    client.ensure_meters({a.tier for a in sends})
+                send_exactly_once(connection, client, sends, usage_date, stats)
+            except ProviderError as error:
+                errors.append(str(error))
+        _record_client_stats(stats, provider, client, started)
     return {**stats, "errors": errors, "retryable": len(errors) > config_errors}
 
 
@@ -409,6 +481,7 @@ def _record_refusals_and_credits(
                         "org_id": action.org_id,
                         "tier": action.tier,
                         "provider": action.provider,
+                        "customer_id": action.customer_id,
                         "seconds": action.seconds,
                         "evidence": action.reason,
                     },
@@ -418,15 +491,18 @@ def _record_refusals_and_credits(
 
 
 def _open_clients(
-    providers: ProvidersResource, actions: list[PushAction]
+    providers: ProvidersResource,
+    actions: list[PushAction],
+    opened: dict[str, BillingProvider] | None = None,
 ) -> tuple[dict[str, BillingProvider], list[str]]:
-    """A client per provider the plan talks to, in name order, and the messages of
-    those that could not be opened (configuration errors: a missing key or URL)."""
+    """A client per provider the plan talks to (beyond those `opened`), in name
+    order, and the messages of those that could not be opened (configuration
+    errors: a missing key or URL)."""
     clients: dict[str, BillingProvider] = {}
     errors: list[str] = []
     # Ledger rows (provider NOT NULL) and unrefused sends always name a provider.
     needed = cast(set[str], {a.provider for a in actions if a.kind in PROVIDER_KINDS})
-    for provider in sorted(needed):
+    for provider in sorted(needed - set(opened or {})):
         try:
             clients[provider] = providers.client(provider)
         except ProviderError as error:
@@ -434,39 +510,41 @@ def _open_clients(
     return clients, errors
 
 
-def _push_provider(
+def _settle_provider(
     connection: psycopg.Connection,
-    providers: ProvidersResource,
-    provider: str,
     client: BillingProvider,
     actions: list[PushAction],
     ledger: pd.DataFrame,
     usage_date: dt.date,
     stats: Stats,
 ) -> str | None:
-    """One provider's share of the plan, in order: verify stale pending rows, re-send
-    pending rows, cancel, send new events. Records `<provider>_push_ms` and the
-    client's counters; returns the message of the provider error that stopped it."""
-    mine = [a for a in actions if a.provider == provider]
+    """One provider's phase 1, in order: verify stale pending rows, re-send pending
+    rows, cancel. Returns the message of the provider error that stopped it."""
+    mine = [a for a in actions if a.provider == client.name]
     started = time.monotonic()
-    failure: str | None = None
     try:
         client.ensure_meters({a.tier for a in mine})
         verified_missing = _verify_stale_pending(
-            connection, providers, ledger, _of_kind(mine, PushActionKind.VERIFY), usage_date, stats
+            connection, client, ledger, _of_kind(mine, PushActionKind.VERIFY), usage_date, stats
         )
         resends = _of_kind(mine, PushActionKind.RESEND) + verified_missing
         _deliver(connection, client, resends, usage_date, stats, resend=True)
         _cancel(connection, client, _of_kind(mine, PushActionKind.CANCEL), usage_date, stats)
-        send_exactly_once(
-            connection, client, _of_kind(mine, PushActionKind.SEND), usage_date, stats
-        )
     except ProviderError as error:
-        failure = str(error)
-    stats[f"{provider}_push_ms"] = int((time.monotonic() - started) * 1000)
+        return str(error)
+    finally:
+        stats[f"{client.name}_settle_ms"] = int((time.monotonic() - started) * 1000)
+    return None
+
+
+def _record_client_stats(
+    stats: Stats, provider: str, client: BillingProvider, started: float
+) -> None:
+    """`<provider>_push_ms` (both phases) and the client's request counters."""
+    settle_ms = stats.pop(f"{provider}_settle_ms", 0)
+    stats[f"{provider}_push_ms"] = settle_ms + int((time.monotonic() - started) * 1000)
     for key, value in client.stats().items():
         stats[f"{provider}_{key}"] = value
-    return failure
 
 
 def _of_kind(actions: list[PushAction], kind: PushActionKind) -> list[PushAction]:
@@ -522,7 +600,7 @@ def _insert_pending(
 
 def _verify_stale_pending(
     connection: psycopg.Connection,
-    providers: ProvidersResource,
+    client: BillingProvider,
     ledger: pd.DataFrame,
     actions: list[PushAction],
     usage_date: dt.date,
@@ -534,7 +612,6 @@ def _verify_stale_pending(
     to be re-sent."""
     if not actions:
         return []
-    reader = providers.client("stripe")
     resend: list[PushAction] = []
     updates = []
     by_key: dict[tuple[str, str], list[PushAction]] = {}
@@ -542,11 +619,12 @@ def _verify_stale_pending(
         by_key.setdefault((action.org_id, action.tier), []).append(action)
     for (org_id, tier), pending in by_key.items():
         customer = cast(str, pending[0].customer_id)  # a ledger row's: NOT NULL
-        recorded = reader.recorded_usage(usage_date, [customer], [tier], {}).seconds.get(
+        recorded = client.recorded_usage(usage_date, [customer], [tier], {}).seconds.get(
             (customer, tier), 0
         )
         rows = ledger[(ledger["org_id"] == org_id) & (ledger["tier"] == tier)]
-        unaccounted = recorded - int(rows.loc[rows["status"] == "sent", "quantity"].sum())
+        delivered = rows["status"].isin([LedgerStatus.SENT, LedgerStatus.CANCEL_REFUSED])
+        unaccounted = recorded - int(rows.loc[delivered, "quantity"].sum())
         for action in sorted(pending, key=lambda a: a.seq):
             if action.seconds <= unaccounted:
                 unaccounted -= action.seconds
@@ -555,6 +633,7 @@ def _verify_stale_pending(
                         action.identifier,
                         LedgerStatus.SENT,
                         "delivered: verified at Stripe after the dedupe window",
+                        received_earlier=True,
                     )
                 )
                 stats["verified_delivered"] = stats.get("verified_delivered", 0) + 1
@@ -582,10 +661,15 @@ def _deliver(
     updates = []
     for outcome in outcomes:
         action = by_identifier[outcome.identifier]
-        if outcome.status in ("sent", "duplicate"):  # the provider's answer (SendOutcome)
-            updates.append(_update(outcome.identifier, LedgerStatus.SENT))
+        if outcome.status in (SendStatus.SENT, SendStatus.DUPLICATE):
+            duplicate = outcome.status == SendStatus.DUPLICATE
+            # A re-send's success may be Stripe replaying the first attempt's answer
+            # (same Idempotency-Key): either way it may have been accepted earlier.
+            updates.append(
+                _update(outcome.identifier, LedgerStatus.SENT, received_earlier=duplicate or resend)
+            )
             stats["resent" if resend else "sent"] += 1
-            stats["deduplicated"] += outcome.status == "duplicate"
+            stats["deduplicated"] += duplicate
             stats[f"seconds_{action.provider}"] += action.seconds
         else:
             # The provider said no: nothing was stored under this identifier.
@@ -610,8 +694,11 @@ def _cancel(
             _mark(connection, [_update(action.identifier, LedgerStatus.CANCELLED)])
             stats["cancelled"] += 1
         else:
-            # Too late to cancel: the event stands; reconciliation proposes the credit.
-            _mark(connection, [_update(action.identifier, LedgerStatus.SENT, answer[:500])])
+            # Refused (too late): the event stands. It is never cancelled again nor
+            # replaced; the re-plan proposes a credit for its excess.
+            refused = f"cancel refused: {answer}"[:500]
+            _mark(connection, [_update(action.identifier, LedgerStatus.CANCEL_REFUSED, refused)])
+            stats["cancels_refused"] = stats.get("cancels_refused", 0) + 1
 
 
 @asset(

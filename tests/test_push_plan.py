@@ -489,3 +489,114 @@ def test_frames_have_the_columns_the_queries_select(sql: str, columns: list[str]
     selected = re.search(r"SELECT\s+(.*?)\s+FROM", text, re.DOTALL)
     assert selected is not None
     assert [name.strip() for name in selected.group(1).split(",")] == columns
+
+
+# --- the world changes between runs (issue 9) ------------------------------------
+
+
+def at_account(ledger_row: tuple, provider: str, customer: str) -> tuple:
+    """A ledger row sent to another (provider, customer) than the org's own."""
+    return ledger_row[:3] + (provider, customer) + ledger_row[5:]
+
+
+CHANGES = [
+    pytest.param(
+        # Stripe cus_x got 7,200 s, the org moved to Polar ext_x and got 3,600 s more;
+        # billable falls to 9,000: the young Stripe event is cancelled and the rest
+        # goes to the org's current account, never to Stripe under the Polar id.
+        Day(
+            targets=[("org-x", "small", 9000)],
+            orgs=[org("org-x", "polar", "ext_x")],
+            ledger=[
+                at_account(
+                    row("org-x", "small", 1, 7200, "sent", sent_ago=HOUR), "stripe", "cus_x"
+                ),
+                at_account(
+                    row("org-x", "small", 2, 3600, "sent", provider="polar", sent_ago=HOUR),
+                    "polar",
+                    "ext_x",
+                ),
+            ],
+        ),
+        [
+            PushAction(
+                CANCEL, "org-x", "small", "stripe", "cus_x", 7200, 1, ident("org-x", "small", 1)
+            ),
+            send("org-x", "small", 5400, 3, provider="polar", customer="ext_x"),
+        ],
+        id="moved-provider-decrease-cancels-old-sends-to-current",
+    ),
+    pytest.param(
+        # The same, with the Stripe event past the cancel window: 1,800 s too many
+        # stand, proposed as a credit where most of the day was charged.
+        Day(
+            targets=[("org-x", "small", 9000)],
+            orgs=[org("org-x", "polar", "ext_x")],
+            ledger=[
+                at_account(row("org-x", "small", 1, 7200, "sent"), "stripe", "cus_x"),
+                at_account(
+                    row("org-x", "small", 2, 3600, "sent", provider="polar"), "polar", "ext_x"
+                ),
+            ],
+        ),
+        [
+            PushAction(
+                PushActionKind.CREDIT,
+                "org-x",
+                "small",
+                "stripe",
+                "cus_x",
+                1800,
+                reason="10800 s delivered, past the cancel window; billable 9000 s",
+            )
+        ],
+        id="moved-provider-old-decrease-credits-where-charged",
+    ),
+    pytest.param(
+        # A cancel Stripe refused: the event stands and is never cancelled again nor
+        # replaced; its excess is a credit.
+        Day(
+            targets=[("org-a", "small", 1800)],
+            ledger=[row("org-a", "small", 1, 3600, "cancel_refused", sent_ago=HOUR)],
+        ),
+        [
+            PushAction(
+                PushActionKind.CREDIT,
+                "org-a",
+                "small",
+                "stripe",
+                "cus_org-a",
+                1800,
+                reason="3600 s delivered, past the cancel window; billable 1800 s",
+            )
+        ],
+        id="cancel-refused-counts-as-delivered-credit",
+    ),
+    pytest.param(
+        # More usage after a refused cancel: only the difference goes out.
+        Day(
+            targets=[("org-a", "small", 5400)],
+            ledger=[row("org-a", "small", 1, 3600, "cancel_refused", sent_ago=HOUR)],
+        ),
+        [send("org-a", "small", 1800, 2)],
+        id="cancel-refused-then-more-usage-sends-the-difference",
+    ),
+]
+
+
+@pytest.mark.parametrize(("day", "expected"), CHANGES)
+def test_plan_push_when_the_world_changes(day: Day, expected: list[PushAction]) -> None:
+    test_plan_push(day, expected)
+
+
+def test_long_org_ids_get_a_stable_digest_within_stripes_limit() -> None:
+    from assets.push import MAX_IDENTIFIER, identifier_for
+
+    long_org = "org-" + "x" * 120
+    first = identifier_for(long_org, DAY, "gpu", 1)
+    assert len(first) <= MAX_IDENTIFIER
+    assert first == identifier_for(long_org, DAY, "gpu", 1)  # stable across runs
+    assert first != identifier_for(long_org + "y", DAY, "gpu", 1)
+    assert first.startswith("tally:#") and first.endswith(":2024-03-04:gpu:1")
+    # Short ids keep the readable form.
+    assert identifier_for("org-a", DAY, "gpu", 1) == "tally:org-a:2024-03-04:gpu:1"

@@ -8,7 +8,8 @@ SELECT count(DISTINCT org_id) AS orgs,
        (SELECT count(*) FROM billing.quarantine q WHERE q.usage_date = %(usage_date)s)
          AS quarantined,
        (SELECT coalesce(sum(quantity), 0) FROM billing.usage_push_ledger l
-         WHERE l.usage_date = %(usage_date)s AND l.status = 'sent') AS pushed_seconds,
+         WHERE l.usage_date = %(usage_date)s AND l.status IN ('sent', 'cancel_refused'))
+         AS pushed_seconds,
        (SELECT coalesce(sum(seconds), 0) FROM billing.provider_usage p
          WHERE p.usage_date = %(usage_date)s) AS recorded_seconds,
        (SELECT count(*) FROM billing.discrepancies d
