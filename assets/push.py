@@ -31,10 +31,12 @@ from resources.calendar import past_stripe_window, usage_noon
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
 from resources.providers import (
     BillingProvider,
+    Provider,
     ProviderError,
     ProvidersResource,
     SendStatus,
     UsageEvent,
+    usable_customer_id,
 )
 from resources.settings import RunMode
 
@@ -42,6 +44,7 @@ from resources.settings import RunMode
 CANCEL_WINDOW = dt.timedelta(hours=23, minutes=30)
 DEDUPE_WINDOW = dt.timedelta(hours=23)
 SEND_BATCH = 2000
+PROVIDER_NAMES = frozenset(provider.value for provider in Provider)
 
 
 class LedgerStatus(StrEnum):
@@ -213,9 +216,7 @@ def _account(info: Any) -> tuple[str | None, str | None]:
     """(provider, customer id) of an organizations row; no row, or a missing or empty
     customer id, gives None."""
     provider = getattr(info, "provider", None)
-    customer = getattr(info, "provider_customer_id", None)
-    customer = None if customer is None or pd.isna(customer) or not customer else customer
-    return provider, customer
+    return provider, usable_customer_id(getattr(info, "provider_customer_id", None))
 
 
 def _pending_actions(
@@ -230,7 +231,7 @@ def _pending_actions(
         if row.status == LedgerStatus.PENDING:
             # Past Stripe's 24 h identifier dedupe a blind re-send could count twice.
             stale = (
-                row.provider == "stripe"
+                row.provider == Provider.STRIPE
                 and getattr(row, "created_at", None) is not None
                 and now - row.created_at >= DEDUPE_WINDOW
             )
@@ -263,7 +264,7 @@ def _cancellable(
     young = [
         row
         for row in rows
-        if row.provider == "stripe"
+        if row.provider == Provider.STRIPE
         and row.status == LedgerStatus.SENT
         and row.sent_at is not None
         and not pd.isna(row.sent_at)
@@ -311,11 +312,11 @@ def _from_row(kind: PushActionKind, row: LedgerRow) -> PushAction:
 def _refusal(
     provider: str | None, customer: str | None, usage_date: dt.date, now: dt.datetime
 ) -> str:
-    if provider not in ("stripe", "polar"):
+    if provider not in PROVIDER_NAMES:
         return f"unknown provider {provider!r}; set organizations.provider to stripe or polar"
     if customer is None:
         return "no provider_customer_id; set it on the organization, then re-run the day"
-    if provider == "stripe" and past_stripe_window(usage_date, now):
+    if provider == Provider.STRIPE and past_stripe_window(usage_date, now):
         return "older than 35 days: Stripe refuses the event; issue an invoice item by hand"
     if usage_noon(usage_date) - now > dt.timedelta(minutes=5):
         return "usage day not yet at noon UTC: the provider refuses future timestamps"

@@ -65,6 +65,7 @@ from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.calendar import days_in_month, past_stripe_window
 from resources.db import PostgresResource, raw_connection, read_frame, replace_day_rows
+from resources.providers import Provider
 from resources.settings import RunMode
 
 Kind = DiscrepancyKind
@@ -214,7 +215,7 @@ def _unpushed_row(facts: _DayFacts, org: OrgFacts, entry: TierNumbers) -> dict:
     inputs = facts.inputs
     missing_s = entry.billable - entry.sent
     refusal = facts.refusals.get((entry.org_id, entry.tier))
-    expired = org.provider == "stripe" and past_stripe_window(inputs.usage_date, inputs.now)
+    expired = org.provider == Provider.STRIPE and past_stripe_window(inputs.usage_date, inputs.now)
     kind = Kind.PUSH_WINDOW_EXPIRED if expired else Kind.UNPUSHED
     detail = f"billable {entry.billable} s, ledger sent {entry.sent} s"
     if entry.pending:
