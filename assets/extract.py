@@ -1,6 +1,9 @@
 """Extract for metering: the control plane's instances, throttle settings and the
 heartbeats of one day's look-back window, as compact columns (DESIGN §3).
 
+Throttle settings are checked per org here (`checked_throttle`): a value outside
+1..24 h is replaced by metering's default and reported, never an error.
+
 The window streams as binary COPY (fixed 40-byte rows parsed straight into numpy)
 in two time slices on two connections at once; rows whose instance id is null or
 unknown, and untrusted rows outside the window, come back as text. Which window a
@@ -232,7 +235,7 @@ def _text_rows_to_columns(
 
 
 # ---------------------------------------------------------------------------
-# The day's extract
+# What the extract asks of metering's rules
 # ---------------------------------------------------------------------------
 
 
@@ -242,6 +245,11 @@ class LookbackRules(Protocol):
     @property
     def future_tolerance_s(self) -> int: ...
 
+    @property
+    def max_throttle_limit_s(self) -> int: ...
+
+    def throttle_defaults_s(self) -> dict[str, int]: ...
+
     def lookback_span_s(self, throttle: pd.DataFrame) -> int: ...
 
     def lookback_window(
@@ -249,11 +257,94 @@ class LookbackRules(Protocol):
     ) -> tuple[dt.datetime, dt.datetime]: ...
 
 
+# ---------------------------------------------------------------------------
+# Throttle settings, checked per org
+# ---------------------------------------------------------------------------
+
+# throttle_settings column (minutes) → the seconds column metering reads.
+THROTTLE_MINUTES_COLUMNS = {
+    "continuous_limit_minutes": "continuous_limit_s",
+    "daily_limit_minutes": "daily_limit_s",
+    "idle_timeout_minutes": "idle_timeout_s",
+}
+
+
+@dataclass(frozen=True)
+class InvalidThrottleSetting:
+    """One org's throttle value outside 1..max minutes, billed with the default."""
+
+    org_id: str
+    column: str
+    value: int | float | None  # as stored (None: NULL)
+    max_minutes: int
+    default_minutes: int
+
+    def describe(self) -> str:
+        value = "NULL" if self.value is None else self.value
+        return (
+            f"org {self.org_id}: {self.column} = {value} is not in "
+            f"1..{self.max_minutes}; billed with the default {self.default_minutes}"
+        )
+
+
+def _stored_value(value: object) -> int | float | None:
+    if value is None or pd.isna(value):  # type: ignore[call-overload]
+        return None
+    number = float(value)  # type: ignore[arg-type]
+    return int(number) if number.is_integer() else number
+
+
+def _valid_minutes(values: pd.Series, max_minutes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is a whole number in 1..max_minutes, the minutes as int64 with 0 elsewhere)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    valid = numbers.notna() & (numbers == numbers.round())
+    valid &= (numbers >= 1) & (numbers <= max_minutes)
+    return valid.to_numpy(dtype=bool), numbers.where(valid, 0).to_numpy(dtype=np.int64)
+
+
+def checked_throttle(
+    raw: pd.DataFrame, rules: LookbackRules
+) -> tuple[pd.DataFrame, list[InvalidThrottleSetting]]:
+    """throttle_settings rows (minutes) → limits in seconds per org. A value that is
+    not a whole number in 1..max (24 h: metering is exact only while every limit
+    is ≤ 24 h, DESIGN §3.4) is replaced by metering's default for that column and
+    reported; the org's other settings stand."""
+    max_minutes = rules.max_throttle_limit_s // 60
+    defaults_s = rules.throttle_defaults_s()
+    throttle = pd.DataFrame({"org_id": raw["org_id"].astype(str).to_numpy(dtype=object)})
+    invalid: list[InvalidThrottleSetting] = []
+    for column, seconds_column in THROTTLE_MINUTES_COLUMNS.items():
+        default_s = defaults_s[seconds_column]
+        valid, minutes = _valid_minutes(raw[column], max_minutes)
+        throttle[seconds_column] = np.where(valid, minutes * 60, default_s)
+        invalid += [
+            InvalidThrottleSetting(org, column, _stored_value(value), max_minutes, default_s // 60)
+            for org, value in zip(throttle["org_id"][~valid], raw[column][~valid], strict=True)
+        ]
+    invalid.sort(key=lambda setting: (setting.org_id, setting.column))
+    return throttle.astype({name: "int64" for name in THROTTLE_MINUTES_COLUMNS.values()}), invalid
+
+
+# ---------------------------------------------------------------------------
+# The day's extract
+# ---------------------------------------------------------------------------
+
+
 @dataclass
 class DayExtract:
     heartbeats: HeartbeatColumns
     instances: pd.DataFrame
     throttle: pd.DataFrame
+    invalid_throttle: list[InvalidThrottleSetting]
+
+
+@dataclass
+class _Settings:
+    instances: pd.DataFrame
+    throttle: pd.DataFrame
+    invalid_throttle: list[InvalidThrottleSetting]
+    window: tuple[dt.datetime, dt.datetime]
+    untrusted: pd.DataFrame
 
 
 def _read_settings(
@@ -261,12 +352,14 @@ def _read_settings(
     usage_date: dt.date,
     run_time: dt.datetime,
     rules: LookbackRules,
-) -> tuple[pd.DataFrame, pd.DataFrame, tuple[dt.datetime, dt.datetime], pd.DataFrame]:
-    """Instances, throttle settings, the look-back window they imply and the
-    untrusted rows outside it that belong to the day."""
+) -> _Settings:
+    """Instances, checked throttle settings, the look-back window they imply and
+    the untrusted rows outside it that belong to the day."""
     day_start, day_end = day_bounds(usage_date)
     instances = read_frame(connection, "extract/instances.sql")
-    throttle = read_frame(connection, "extract/throttle.sql")
+    throttle, invalid_throttle = checked_throttle(
+        read_frame(connection, "extract/throttle.sql"), rules
+    )
     window_start, window_end = rules.lookback_window(usage_date, rules.lookback_span_s(throttle))
     untrusted = read_frame(
         connection,
@@ -282,7 +375,7 @@ def _read_settings(
     if instances.empty:
         instances = pd.DataFrame(columns=["instance_id", "org_id", "tier", "status", "stopped_at"])
     instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
-    return instances, throttle, (window_start, window_end), untrusted
+    return _Settings(instances, throttle, invalid_throttle, (window_start, window_end), untrusted)
 
 
 def extract_day(
@@ -292,9 +385,8 @@ def extract_day(
     streams as binary COPY in two time slices on two connections at once (the
     server formats nothing and both cores work); untrusted rows come as text."""
     with raw_connection(control_engine) as connection:
-        instances, throttle, (window_start, window_end), untrusted = _read_settings(
-            connection, usage_date, run_time, rules
-        )
+        settings = _read_settings(connection, usage_date, run_time, rules)
+    instances, (window_start, window_end) = settings.instances, settings.window
     categories = instances["instance_id"].astype(str).tolist()
     category_index = {instance_id: code for code, instance_id in enumerate(categories)}
     codes = pd.DataFrame({"instance_id": categories, "code": range(len(categories))})
@@ -306,9 +398,9 @@ def extract_day(
             pool.map(lambda bounds: _copy_window_part(control_engine, codes, *bounds), slices)
         )
     parts = [columns for columns, _ in results]
-    for text_rows in [rows for _, rows in results] + [untrusted]:
+    for text_rows in [rows for _, rows in results] + [settings.untrusted]:
         if len(text_rows):
             parts.append(_text_rows_to_columns(text_rows, category_index, categories))
     heartbeats = HeartbeatColumns.concat(parts, categories)
     del parts, results
-    return DayExtract(heartbeats, instances, throttle)
+    return DayExtract(heartbeats, instances, settings.throttle, settings.invalid_throttle)

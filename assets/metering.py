@@ -75,6 +75,16 @@ class MeteringRules:
     default_continuous_limit_s: int = 8 * 3600
     default_daily_limit_s: int = 24 * 3600
     default_idle_timeout_s: int = 30 * 60
+    # Every throttle limit is at most 24 h: exact only then (DESIGN §3.4).
+    max_throttle_limit_s: int = 24 * 3600
+
+    def throttle_defaults_s(self) -> dict[str, int]:
+        """The limit an org without a (valid) setting gets, by throttle column."""
+        return {
+            "continuous_limit_s": self.default_continuous_limit_s,
+            "daily_limit_s": self.default_daily_limit_s,
+            "idle_timeout_s": self.default_idle_timeout_s,
+        }
 
     def lookback_window(
         self, usage_date: dt.date, lookback_span_s: int | None = None
@@ -607,19 +617,33 @@ def _check_results(
         for name, (passed, details) in billed_usage_checks(stored, extract.throttle, rules).items()
     ]
     checks += great_expectations_checks(extract.heartbeats, extract.instances, stored, known_tiers)
-    reasons = result.quarantine["reason"].value_counts().to_dict()
-    checks.append(
-        AssetCheckResult(
-            check_name="no_quarantined_heartbeats",
-            passed=not reasons,
-            severity=AssetCheckSeverity.WARN,
-            metadata={
-                "quarantined": len(result.quarantine),
-                **{f"quarantined_{reason}": int(n) for reason, n in reasons.items()},
-            },
-        )
-    )
+    checks.append(_quarantine_warning(extract, result))
     return checks
+
+
+def _quarantine_warning(extract: DayExtract, result: MeteringResult) -> AssetCheckResult:
+    """WARN (never blocking) when rows were quarantined or a throttle setting was
+    out of bounds (that org billed with the default)."""
+    reasons = result.quarantine["reason"].value_counts().to_dict()
+    return AssetCheckResult(
+        check_name="no_quarantined_heartbeats",
+        passed=not reasons and not extract.invalid_throttle,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "quarantined": len(result.quarantine),
+            **{f"quarantined_{reason}": int(n) for reason, n in reasons.items()},
+            **_invalid_throttle_metadata(extract),
+        },
+    )
+
+
+def _invalid_throttle_metadata(extract: DayExtract) -> dict:
+    """How many throttle values were out of bounds, and one line per value."""
+    lines = [setting.describe() for setting in extract.invalid_throttle]
+    return {
+        "invalid_throttle_settings": len(lines),
+        "invalid_throttle_settings_detail": MetadataValue.text("\n".join(lines)),
+    }
 
 
 def _materialization_metadata(
@@ -627,6 +651,7 @@ def _materialization_metadata(
 ) -> dict:
     hours = {column: float(stored[column].sum()) / 3600 for column in SECONDS_COLUMNS}
     return {
+        **_invalid_throttle_metadata(extract),
         "usage_date": usage_date.isoformat(),
         "rows": len(stored),
         "orgs": int(stored["org_id"].nunique()),
@@ -660,7 +685,8 @@ def _materialization_metadata(
         AssetCheckSpec(
             "no_quarantined_heartbeats",
             asset="billed_usage",
-            description="WARN when heartbeats were quarantined",
+            description="WARN when heartbeats were quarantined or a throttle setting was out "
+            "of bounds (that org billed with the default)",
         ),
     ],
     description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
@@ -672,6 +698,8 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
     rules = MeteringRules()
     extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
     context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
+    for setting in extract.invalid_throttle:
+        context.log.warning(f"throttle_settings: {setting.describe()}")
     result = compute_in_org_chunks(
         extract.heartbeats,
         extract.instances,

@@ -1,6 +1,4 @@
--- Per-org throttle settings in seconds; orgs without a row use the defaults.
-SELECT org_id,
-       continuous_limit_minutes::bigint * 60 AS continuous_limit_s,
-       daily_limit_minutes::bigint * 60 AS daily_limit_s,
-       idle_timeout_minutes::bigint * 60 AS idle_timeout_s
+-- Per-org throttle settings as stored (minutes); orgs without a row use the defaults.
+-- Values are checked per org before use (assets/extract.py, checked_throttle).
+SELECT org_id, continuous_limit_minutes, daily_limit_minutes, idle_timeout_minutes
 FROM throttle_settings
