@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from assets.credits import EscalationLevel, ProposalStatus
 from assets.discrepancy import DiscrepancyKind
-from assets.push import LedgerStatus
+from assets.push_plan import LedgerStatus
 from pipelines.freshness import AlertDelivery, FreshnessState
 from resources.providers import CorrectionMethod
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from assets.push import PushAction, PushActionKind, plan_push
+from assets.push_plan import PushAction, PushActionKind, plan_push
 
 SQL = Path(__file__).resolve().parents[1] / "sql" / "push"
 TARGET_COLUMNS = ["org_id", "tier", "billable_seconds"]
@@ -590,7 +590,7 @@ def test_plan_push_when_the_world_changes(day: Day, expected: list[PushAction]) 
 
 
 def test_long_org_ids_get_a_stable_digest_within_stripes_limit() -> None:
-    from assets.push import MAX_IDENTIFIER, identifier_for
+    from assets.push_plan import MAX_IDENTIFIER, identifier_for
 
     long_org = "org-" + "x" * 120
     first = identifier_for(long_org, DAY, "gpu", 1)
