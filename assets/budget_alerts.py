@@ -2,7 +2,10 @@
 e-mail per (org, month, threshold) ever, through billing.budget_alert_ledger.
 
 The month to date comes from `quota_usage` (assets/quota.py), read by asset key
-from billing.quota_usage. Delivery is at most once:
+from billing.quota_usage: the partition day's rows and those of the later days of
+its month that quota_usage recomputed with it (an earlier day re-metered after a
+later one), each threshold recorded as of the first of those days that reaches it.
+Delivery is at most once:
 
     (crossed) → queued ─┬→ pending → sent
                         │      ├───→ failed ──→ (next run) pending → …
@@ -106,9 +109,11 @@ OUTCOMES = (
 
 
 def alert_crossings(quota: pd.DataFrame, thresholds: tuple[int, ...] = THRESHOLDS) -> pd.DataFrame:
-    """(org, month, threshold) reached in a day's quota rows: billable month to date
-    ≥ threshold % of included. Orgs without included hours never alert."""
+    """(org, month, threshold) reached in quota rows of one or more days: billable
+    month to date ≥ threshold % of included, as of the earliest day that reaches it
+    (one row per org, month and threshold). Orgs without included hours never alert."""
     columns = ["org_id", "month", "threshold", "usage_date", "billable_seconds", "included_seconds"]
+    key = ["org_id", "month", "threshold"]
     rows = []
     for row in quota.itertuples(index=False):
         included = int(row.included_seconds)
@@ -126,7 +131,13 @@ def alert_crossings(quota: pd.DataFrame, thresholds: tuple[int, ...] = THRESHOLD
                         included,
                     )
                 )
-    return pd.DataFrame(rows, columns=columns)
+    crossings = pd.DataFrame(rows, columns=columns)
+    return (
+        crossings.sort_values("usage_date", kind="stable")
+        .drop_duplicates(key, keep="first")
+        .sort_values(key, kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def settle_alerts(ledger: pd.DataFrame, now: dt.datetime, *, mail_enabled: bool) -> pd.DataFrame:
@@ -349,8 +360,13 @@ def budget_alerts(
     usage_date = partition_day(context.partition_key)
     billing_engine = postgres.billing_engine()
     with raw_connection(billing_engine) as connection:
-        quota = read_frame(connection, "budget_alerts/quota_day.sql", {"usage_date": usage_date})
+        quota = read_frame(
+            connection,
+            "budget_alerts/quota_month_from_day.sql",
+            {"usage_date": usage_date, "next_month": next_month(month_start(usage_date))},
+        )
     crossings = alert_crossings(quota)
+    days_evaluated = quota["usage_date"].nunique() if not quota.empty else 0
 
     if run_mode.report_only:
         with raw_connection(billing_engine) as connection:
@@ -396,6 +412,7 @@ def budget_alerts(
     errors = stats.pop("errors")
     metadata: dict[str, Any] = {key: MetadataValue.int(int(value)) for key, value in stats.items()}
     metadata["thresholds_reached"] = MetadataValue.int(len(crossings))
+    metadata["quota_days_evaluated"] = MetadataValue.int(int(days_evaluated))
     metadata["smtp_configured"] = MetadataValue.bool(smtp.configured())
     if errors:
         raise Failure(

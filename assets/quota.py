@@ -3,6 +3,10 @@
 `quota_usage`: per org, month to date as of the partition day, from
 billing.billed_usage of that month up to the day (never from an earlier
 partition's result, so re-runs, backfills and month boundaries need no state).
+A day's month to date depends on every earlier day of the month, so the run of day
+D also recomputes, in date order and in the same transaction, every later day of
+D's month that already has quota rows (an out-of-order backfill leaves no stale
+day behind); budget_alerts then evaluates D and those days.
 Included hours are used day by day in date order and, within a day, on the most
 expensive tier first; what is left over is overage, billed at tier rates unless
 the plan does not bill overage (free tier: flagged, not charged). Money is
@@ -14,6 +18,7 @@ Pure functions first (DataFrames in, DataFrames out); the asset is at the bottom
 """
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
@@ -28,15 +33,20 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from sqlalchemy.engine import Engine
 
 from assets.config import configuration_failure, pricing_or_fail
 from assets.markdown import markdown_table
 from assets.pricing import SECONDS_PER_HOUR, Plan, Pricing, PricingError, to_cents
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
-from resources.calendar import month_start
-from resources.db import PostgresResource, raw_connection, read_frame, replace_day_rows
+from resources.calendar import month_start, next_month
+from resources.db import (
+    PostgresResource,
+    load_sql,
+    raw_connection,
+    read_frame,
+    replace_day_rows,
+)
 
 # Finance metadata: orgs at or over these shares of their included hours.
 REPORT_THRESHOLDS = (50, 90, 100)
@@ -113,6 +123,13 @@ def allocate_included(
     return ordered.drop(columns="_rank").assign(
         included_seconds=included, overage_seconds=billable - included
     )[columns]
+
+
+def later_days_of_month(day: dt.date, computed: Iterable[dt.date]) -> list[dt.date]:
+    """The days of `computed` after `day` in `day`'s month, once each, in date order:
+    the month to date of each depends on `day`, so they are recomputed with it."""
+    end = next_month(month_start(day))
+    return sorted({other for other in computed if day < other < end})
 
 
 @dataclass
@@ -278,19 +295,41 @@ def read_month_usage(connection: psycopg.Connection, as_of: dt.date) -> pd.DataF
     )
 
 
-def write_quota_usage(billing_engine: Engine, usage_date: dt.date, result: QuotaResult) -> None:
-    """Replace the day's rows in one transaction (a re-run replaces, never adds)."""
-    with raw_connection(billing_engine) as connection, connection.cursor() as cursor:
-        replace_day_rows(
-            cursor,
-            "quota_usage",
-            usage_date,
-            deletes=["quota/delete_tiers.sql", "quota/delete.sql"],
-            copies=[
-                ("quota/copy.sql", result.orgs.itertuples(index=False, name=None)),
-                ("quota/copy_tiers.sql", result.tiers.itertuples(index=False, name=None)),
-            ],
-        )
+def lock_month(connection: psycopg.Connection, usage_date: dt.date) -> None:
+    """One writer per month until the transaction ends: what a run reads (usage,
+    computed days) stays what it rewrites."""
+    connection.execute(
+        load_sql("quota/month_lock.sql"), {"month": month_start(usage_date).isoformat()}
+    )
+
+
+def read_later_days(connection: psycopg.Connection, usage_date: dt.date) -> list[dt.date]:
+    """Days after `usage_date` in its month that already have quota rows."""
+    days = read_frame(
+        connection,
+        "quota/later_days.sql",
+        {"usage_date": usage_date, "next_month": next_month(month_start(usage_date))},
+    )
+    return later_days_of_month(usage_date, days["usage_date"] if not days.empty else [])
+
+
+def write_quota_usage(
+    connection: psycopg.Connection, results: Iterable[tuple[dt.date, QuotaResult]]
+) -> None:
+    """Replace each day's rows, in date order, in the connection's transaction (a
+    re-run replaces, never adds); the caller commits."""
+    with connection.cursor() as cursor:
+        for usage_date, result in sorted(results, key=lambda item: item[0]):
+            replace_day_rows(
+                cursor,
+                "quota_usage",
+                usage_date,
+                deletes=["quota/delete_tiers.sql", "quota/delete.sql"],
+                copies=[
+                    ("quota/copy.sql", result.orgs.itertuples(index=False, name=None)),
+                    ("quota/copy_tiers.sql", result.tiers.itertuples(index=False, name=None)),
+                ],
+            )
 
 
 @asset(
@@ -313,17 +352,26 @@ def quota_usage(context: AssetExecutionContext, postgres: PostgresResource) -> M
     usage_date = partition_day(context.partition_key)
     pricing = pricing_or_fail()
     orgs = read_orgs(postgres)
-    billing_engine = postgres.billing_engine()
-    with raw_connection(billing_engine) as connection:
-        usage = read_month_usage(connection, usage_date)
-    try:
-        result = quota_month_to_date(usage, orgs, usage_date, pricing)
-    except PricingError as error:  # a tier without a rate: a setting to fix, not retried
-        raise configuration_failure(f"pricing configuration: {error}") from None
-    write_quota_usage(billing_engine, usage_date, result)
+    with raw_connection(postgres.billing_engine()) as connection:  # one transaction
+        lock_month(connection, usage_date)
+        later = read_later_days(connection, usage_date)
+        days = [usage_date, *later]
+        usage = read_month_usage(connection, days[-1])
+        try:
+            results = {day: quota_month_to_date(usage, orgs, day, pricing) for day in days}
+        except PricingError as error:  # a tier without a rate: a setting to fix, not retried
+            raise configuration_failure(f"pricing configuration: {error}") from None
+        write_quota_usage(connection, results.items())
+    result = results[usage_date]
+    if later:
+        context.log.info(
+            f"month to date recomputed for {len(later)} later day(s) of "
+            f"{usage_date:%Y-%m} already computed: " + ", ".join(map(str, later))
+        )
 
     summary = finance_summary(result.orgs)
-    unknown = sorted(result.unknown_plans.items())
+    unknown_plans = {org: plan for r in results.values() for org, plan in r.unknown_plans.items()}
+    unknown = sorted(unknown_plans.items())
     if unknown:
         context.log.error(
             "orgs without a priced plan (not in quota_usage): "
@@ -347,6 +395,8 @@ def quota_usage(context: AssetExecutionContext, postgres: PostgresResource) -> M
                 float(hours(int(result.orgs["billable_seconds"].sum())))
             ),
             "orgs_near_or_over_quota": MetadataValue.md(summary["table"]),
+            "later_days_recomputed": len(later),
+            "later_days_recomputed_dates": MetadataValue.text(", ".join(map(str, later))),
         },
         check_results=[
             AssetCheckResult(
