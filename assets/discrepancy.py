@@ -22,6 +22,7 @@ import pandas as pd
 from assets.metering import MeteringRules
 from assets.pricing import Pricing, PricingError, to_cents
 from resources.calendar import SECONDS_PER_DAY
+from resources.control_plane import COLUMNS as CONTROL_PLANE
 
 
 class DiscrepancyKind(StrEnum):
@@ -91,15 +92,7 @@ INPUT_COLUMNS = {
     "counters": ["org_id", "tier", "runtime_seconds", "updated_at"],
     "orgs": ["org_id", "plan", "provider", "provider_customer_id", "daily_limit_s"],
     "plans": ["org_id", "provider", "customer_id", "plan", "status"],
-    "instances": [
-        "instance_id",
-        "org_id",
-        "tier",
-        "status",
-        "created_at",
-        "stopped_at",
-        "last_heartbeat",
-    ],
+    "instances": CONTROL_PLANE["instances"],
     "zombies": ["instance_id", "heartbeats", "first_at", "last_at"],
     "credits": ["proposal_id", "org_id", "tier", "kind", "provider", "seconds", "amount", "status"],
     "explanations": ["kind", "org_id", "tier", "explanation", "explained_by"],

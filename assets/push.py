@@ -10,6 +10,7 @@ ever goes out; a decrease cancels young Stripe events or becomes a credit propos
 
 import datetime as dt
 import time
+from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import pandas as pd
@@ -47,6 +48,17 @@ from resources.settings import RunMode
 SEND_BATCH = 2000
 # Counters for the asset's metadata.
 Stats: TypeAlias = dict[str, int]
+
+
+@dataclass
+class _Session:
+    """One provider's part of a day's push: the ledger connection (holding the day's
+    push lock), the provider's client, the day and the counters."""
+
+    connection: psycopg.Connection
+    client: BillingProvider
+    usage_date: dt.date
+    stats: Stats
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +123,9 @@ def push_day(
     stopped: set[str] = set()
     if any(action.kind in SETTLE_KINDS for action in actions):
         for provider, client in clients.items():
-            error = _settle_provider(connection, client, actions, ledger, usage_date, stats)
+            error = _settle_provider(
+                _Session(connection, client, usage_date, stats), actions, ledger
+            )
             if error is not None:
                 errors.append(error)
                 stopped.add(provider)
@@ -142,7 +156,7 @@ def push_day(
             try:
                 if sends:
                     client.ensure_meters({a.tier for a in sends})
-                send_exactly_once(connection, client, sends, usage_date, stats)
+                send_exactly_once(_Session(connection, client, usage_date, stats), sends)
             except ProviderError as error:
                 errors.append(str(error))
         _record_client_stats(stats, provider, client, started)
@@ -238,29 +252,25 @@ def _open_clients(
 
 
 def _settle_provider(
-    connection: psycopg.Connection,
-    client: BillingProvider,
-    actions: list[PushAction],
-    ledger: pd.DataFrame,
-    usage_date: dt.date,
-    stats: Stats,
+    session: _Session, actions: list[PushAction], ledger: pd.DataFrame
 ) -> str | None:
     """One provider's phase 1, in order: verify stale pending rows, re-send pending
     rows, cancel. Returns the message of the provider error that stopped it."""
+    client = session.client
     mine = [a for a in actions if a.provider == client.name]
     started = time.monotonic()
     try:
         client.ensure_meters({a.tier for a in mine})
         verified_missing = _verify_stale_pending(
-            connection, client, ledger, _of_kind(mine, PushActionKind.VERIFY), usage_date, stats
+            session, ledger, _of_kind(mine, PushActionKind.VERIFY)
         )
         resends = _of_kind(mine, PushActionKind.RESEND) + verified_missing
-        _deliver(connection, client, resends, usage_date, stats, resend=True)
-        _cancel(connection, client, _of_kind(mine, PushActionKind.CANCEL), usage_date, stats)
+        _deliver(session, resends, resend=True)
+        _cancel(session, _of_kind(mine, PushActionKind.CANCEL))
     except ProviderError as error:
         return str(error)
     finally:
-        stats[f"{client.name}_settle_ms"] = int((time.monotonic() - started) * 1000)
+        session.stats[f"{client.name}_settle_ms"] = int((time.monotonic() - started) * 1000)
     return None
 
 
@@ -278,13 +288,7 @@ def _of_kind(actions: list[PushAction], kind: PushActionKind) -> list[PushAction
     return [a for a in actions if a.kind == kind]
 
 
-def send_exactly_once(
-    connection: psycopg.Connection,
-    client: BillingProvider,
-    actions: list[PushAction],
-    usage_date: dt.date,
-    stats: Stats,
-) -> None:
+def send_exactly_once(session: _Session, actions: list[PushAction]) -> None:
     """Send new events so that each is stored by the provider exactly once.
 
     In batches of SEND_BATCH: the batch's ledger rows are inserted as `pending` and
@@ -298,9 +302,9 @@ def send_exactly_once(
     identifier: the row is marked `failed` and its seconds count as not delivered."""
     for start in range(0, len(actions), SEND_BATCH):
         batch = actions[start : start + SEND_BATCH]
-        _insert_pending(connection, batch, usage_date)
-        connection.commit()  # pending rows are durable before anything is sent
-        _deliver(connection, client, batch, usage_date, stats, resend=False)
+        _insert_pending(session.connection, batch, session.usage_date)
+        session.connection.commit()  # pending rows are durable before anything is sent
+        _deliver(session, batch, resend=False)
 
 
 def _insert_pending(
@@ -326,12 +330,7 @@ def _insert_pending(
 
 
 def _verify_stale_pending(
-    connection: psycopg.Connection,
-    client: BillingProvider,
-    ledger: pd.DataFrame,
-    actions: list[PushAction],
-    usage_date: dt.date,
-    stats: Stats,
+    session: _Session, ledger: pd.DataFrame, actions: list[PushAction]
 ) -> list[PushAction]:
     """Pending Stripe rows older than the dedupe window: read what Stripe holds for
     (customer, tier, day). Rows the recorded total already covers (beyond what the
@@ -339,6 +338,7 @@ def _verify_stale_pending(
     to be re-sent."""
     if not actions:
         return []
+    client, usage_date, stats = session.client, session.usage_date, session.stats
     resend: list[PushAction] = []
     updates = []
     by_key: dict[tuple[str, str], list[PushAction]] = {}
@@ -367,23 +367,16 @@ def _verify_stale_pending(
                 stats[f"seconds_{action.provider}"] += action.seconds
             else:
                 resend.append(action)
-    _mark(connection, updates)
+    _mark(session.connection, updates)
     return resend
 
 
-def _deliver(
-    connection: psycopg.Connection,
-    client: BillingProvider,
-    actions: list[PushAction],
-    usage_date: dt.date,
-    stats: Stats,
-    *,
-    resend: bool,
-) -> None:
+def _deliver(session: _Session, actions: list[PushAction], *, resend: bool) -> None:
     """Send events whose rows are already in the ledger; mark each sent or failed."""
     if not actions:
         return
-    outcomes = client.send([_event(a, usage_date) for a in actions])
+    stats = session.stats
+    outcomes = session.client.send([_event(a, session.usage_date) for a in actions])
     by_identifier = {a.identifier: a for a in actions}
     updates = []
     for outcome in outcomes:
@@ -402,30 +395,25 @@ def _deliver(
             # The provider said no: nothing was stored under this identifier.
             updates.append(_update(outcome.identifier, LedgerStatus.FAILED, outcome.detail[:500]))
             stats["rejected"] += 1
-    _mark(connection, updates)
+    _mark(session.connection, updates)
 
 
-def _cancel(
-    connection: psycopg.Connection,
-    client: BillingProvider,
-    actions: list[PushAction],
-    usage_date: dt.date,
-    stats: Stats,
-) -> None:
+def _cancel(session: _Session, actions: list[PushAction]) -> None:
     """Cancel events: the row is `cancelling` (committed) before the request, so a
     crash leaves it to be cancelled again by the next run."""
+    connection = session.connection
     for action in actions:
         _mark(connection, [_update(action.identifier, LedgerStatus.CANCELLING)])
-        answer = client.cancel(_event(action, usage_date))
+        answer = session.client.cancel(_event(action, session.usage_date))
         if answer == "cancelled":  # the provider's answer
             _mark(connection, [_update(action.identifier, LedgerStatus.CANCELLED)])
-            stats["cancelled"] += 1
+            session.stats["cancelled"] += 1
         else:
             # Refused (too late): the event stands. It is never cancelled again nor
             # replaced; the re-plan proposes a credit for its excess.
             refused = f"cancel refused: {answer}"[:500]
             _mark(connection, [_update(action.identifier, LedgerStatus.CANCEL_REFUSED, refused)])
-            stats["cancels_refused"] = stats.get("cancels_refused", 0) + 1
+            session.stats["cancels_refused"] = session.stats.get("cancels_refused", 0) + 1
 
 
 @asset(

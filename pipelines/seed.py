@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from resources.control_plane import COLUMNS, TABLES
 from resources.db import create_control_plane, raw_connection
 from resources.providers.base import Provider
 
@@ -45,45 +46,9 @@ if TYPE_CHECKING:
     import psycopg
     from sqlalchemy.engine import Engine
 
-TABLES = ("organizations", "throttle_settings", "instances", "heartbeats", "usage_counters")
 # Order of loading: heartbeats before instances and usage_counters, whose
 # last_heartbeat and runtime_seconds are computed while heartbeats stream.
 LOAD_ORDER = ("organizations", "throttle_settings", "heartbeats", "instances", "usage_counters")
-COLUMNS: dict[str, list[str]] = {
-    "organizations": [
-        "org_id",
-        "name",
-        "billing_email",
-        "plan",
-        "provider",
-        "provider_customer_id",
-        "created_at",
-    ],
-    "throttle_settings": [
-        "org_id",
-        "continuous_limit_minutes",
-        "daily_limit_minutes",
-        "idle_timeout_minutes",
-    ],
-    "instances": [
-        "instance_id",
-        "org_id",
-        "tier",
-        "status",
-        "created_at",
-        "stopped_at",
-        "last_heartbeat",
-    ],
-    "heartbeats": ["instance_id", "sent_at", "active", "received_at"],
-    "usage_counters": [
-        "org_id",
-        "usage_date",
-        "tier",
-        "runtime_seconds",
-        "last_reconciled_at",
-        "updated_at",
-    ],
-}
 PROVIDERS = tuple(provider.value for provider in Provider)
 PLANS = ("free-tier", "base-plus-usage", "usage-only")
 TIERS = ("small", "medium", "large", "gpu")

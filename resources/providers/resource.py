@@ -48,37 +48,42 @@ class ProvidersResource(ConfigurableResource):
         return build(self)
 
 
+# provider → (its key's field, environment variable; its base URL's field, variable)
+_SETTINGS = {
+    Provider.STRIPE: ("stripe_api_key", "STRIPE_API_KEY", "stripe_api_base", "STRIPE_API_BASE"),
+    Provider.POLAR: (
+        "polar_access_token",
+        "POLAR_ACCESS_TOKEN",
+        "polar_api_base",
+        "POLAR_API_BASE",
+    ),
+}
+
+
+def _credentials(settings: ProvidersResource, provider: Provider) -> tuple[str, str | None]:
+    """(key, base URL): the resource's setting, else the environment variable."""
+    key_field, key_variable, base_field, base_variable = _SETTINGS[provider]
+    key = getattr(settings, key_field) or os.environ.get(key_variable)
+    base = getattr(settings, base_field) or os.environ.get(base_variable)
+    return _require(key, key_variable, provider), base
+
+
 def _stripe(settings: ProvidersResource) -> BillingProvider:
     from resources.providers.stripe_provider import StripeProvider
 
+    key, base = _credentials(settings, Provider.STRIPE)
+    writes, reads = settings.stripe_writes_per_second, settings.stripe_reads_per_second
     return StripeProvider(
-        _require(
-            settings.stripe_api_key or os.environ.get("STRIPE_API_KEY"),
-            "STRIPE_API_KEY",
-            Provider.STRIPE,
-        ),
-        settings.stripe_api_base or os.environ.get("STRIPE_API_BASE"),
-        settings.stripe_writes_per_second,
-        settings.stripe_concurrency,
-        settings.stripe_reads_per_second,
-        settings.stripe_read_concurrency,
+        key, base, writes, settings.stripe_concurrency, reads, settings.stripe_read_concurrency
     )
 
 
 def _polar(settings: ProvidersResource) -> BillingProvider:
     from resources.providers.polar_provider import PolarProvider
 
-    return PolarProvider(
-        _require(
-            settings.polar_access_token or os.environ.get("POLAR_ACCESS_TOKEN"),
-            "POLAR_ACCESS_TOKEN",
-            Provider.POLAR,
-        ),
-        settings.polar_api_base or os.environ.get("POLAR_API_BASE"),
-        settings.polar_requests_per_minute,
-        settings.polar_batch_size,
-        settings.polar_group_size,
-    )
+    key, base = _credentials(settings, Provider.POLAR)
+    rate = settings.polar_requests_per_minute
+    return PolarProvider(key, base, rate, settings.polar_batch_size, settings.polar_group_size)
 
 
 _FACTORIES: dict[Provider, Callable[[ProvidersResource], BillingProvider]] = {
