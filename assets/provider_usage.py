@@ -92,17 +92,25 @@ def attribute_to_orgs(recorded: dict[Pair, int], day: ProviderDay) -> list[tuple
     return rows
 
 
+@dataclass(frozen=True)
+class DayToRead:
+    """What read-back needs for one day: the orgs' current accounts (control plane),
+    what the ledger sent where, the tiers to read, and whether the run is
+    report-only (nothing leaves the machine, reads included)."""
+
+    usage_date: dt.date
+    orgs: pd.DataFrame
+    sent: pd.DataFrame
+    tiers: list[str]
+    report_only: bool
+
+
 def _read_provider(
-    provider: str,
-    orgs: pd.DataFrame,
-    sent: pd.DataFrame,
-    providers: ProvidersResource,
-    usage_date: dt.date,
-    tiers: list[str],
-    report_only: bool,
+    provider: str, request: DayToRead, providers: ProvidersResource
 ) -> tuple[dict, list[tuple], list[dict], dict[str, int]]:
     """One provider's day → (read record, usage rows, plan rows, stats)."""
-    day = provider_day(provider, orgs, sent)
+    usage_date, tiers = request.usage_date, request.tiers
+    day = provider_day(provider, request.orgs, request.sent)
     customers = day.customers
     record = {
         "provider": provider,
@@ -116,7 +124,7 @@ def _read_provider(
     if not customers:
         record["status"] = "no_customers"
         return record, [], [], {}
-    if report_only:
+    if request.report_only:
         # `--report-only`: nothing leaves the machine, reads included.
         record["status"] = "skipped"
         record["note"] = "report-only run: provider not contacted"
@@ -162,13 +170,7 @@ def _read_provider(
 
 
 def read_providers(
-    orgs: pd.DataFrame,
-    sent: pd.DataFrame,
-    providers: ProvidersResource,
-    usage_date: dt.date,
-    tiers: list[str],
-    *,
-    report_only: bool,
+    request: DayToRead, providers: ProvidersResource
 ) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, dict[str, int]]:
     """Read every provider for the day, the providers side by side (their rate limits
     are independent) → (usage rows, read records, plan rows, stats)."""
@@ -176,17 +178,7 @@ def read_providers(
 
     with ThreadPoolExecutor(max_workers=len(Provider)) as pool:
         futures = [
-            pool.submit(
-                _read_provider,
-                provider,
-                orgs,
-                sent,
-                providers,
-                usage_date,
-                tiers,
-                report_only,
-            )
-            for provider in Provider
+            pool.submit(_read_provider, provider, request, providers) for provider in Provider
         ]
         results = [future.result() for future in futures]
     stats = {"stripe_calls": 0, "polar_calls": 0, "customers": 0}
@@ -258,12 +250,7 @@ def provider_usage(
     tiers = pricing_or_fail().tiers_by_price()
     try:
         usage, reads, plans, stats = read_providers(
-            orgs,
-            sent,
-            providers,
-            usage_date,
-            tiers,
-            report_only=run_mode.report_only,
+            DayToRead(usage_date, orgs, sent, tiers, run_mode.report_only), providers
         )
     except ProviderConfigError as error:  # a missing key: retrying cannot help
         raise Failure(description=str(error), allow_retries=False) from None
