@@ -12,9 +12,11 @@ of any other tier is quarantined as `unknown_tier`.
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import pandas as pd
+import psycopg
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -35,6 +37,7 @@ from pipelines.retry import STEP_RETRY
 from resources.calendar import day_bounds, day_bounds_epoch
 from resources.db import (
     PostgresResource,
+    load_sql,
     raw_connection,
     read_frame,
     replace_day_rows,
@@ -44,14 +47,23 @@ from resources.db import (
 # asset passes the configured ones (`Pricing.known_tiers`).
 DEFAULT_KNOWN_TIERS: frozenset[str] = Pricing().known_tiers
 
-QUARANTINE_REASONS = (
-    "null_instance_id",
-    "null_sent_at",
-    "unknown_instance",
-    "unknown_tier",
-    "future",
-    "after_stop",
-)
+
+class QuarantineReason(StrEnum):
+    """Why a heartbeat is never billed (DESIGN §3.1), stored in
+    `billing.quarantine.reason`. In order of precedence: a row gets the first that
+    applies."""
+
+    NULL_INSTANCE_ID = "null_instance_id"
+    NULL_SENT_AT = "null_sent_at"
+    UNKNOWN_INSTANCE = "unknown_instance"
+    UNKNOWN_TIER = "unknown_tier"
+    FUTURE = "future"
+    AFTER_STOP = "after_stop"
+
+
+# Reason code k (1-based) of `clean_heartbeats` is QUARANTINE_REASONS[k - 1].
+QUARANTINE_REASONS: tuple[QuarantineReason, ...] = tuple(QuarantineReason)
+_FUTURE_CODE = QUARANTINE_REASONS.index(QuarantineReason.FUTURE) + 1
 
 BILLED_COLUMNS = [
     "org_id",
@@ -201,21 +213,17 @@ class _CleanHeartbeats:
     active: np.ndarray  # bool
 
 
-def clean_heartbeats(
-    heartbeats: pd.DataFrame,
+def _reason_codes(
+    position: np.ndarray,
+    sent: np.ndarray,
+    sent_missing: np.ndarray,
     table: _InstanceTable,
-    usage_date: dt.date,
     run_time: dt.datetime,
     rules: MeteringRules,
-) -> tuple[_CleanHeartbeats, pd.DataFrame, int]:
-    """Rule 3.1: quarantine bad rows (those belonging to the day are returned), floor
-    to the second, collapse duplicates (active if any copy is). Returns clean
-    heartbeats sorted by (instance, sent), the day's quarantine and its duplicate count."""
-    day_start, day_end = day_bounds_epoch(usage_date)
+) -> np.ndarray:
+    """Per heartbeat: 0 if it may be billed, else k for QUARANTINE_REASONS[k - 1]
+    (the first that applies)."""
     run_second = pd.Timestamp(run_time).as_unit("ns").value // 1_000_000_000
-
-    position = _instance_positions(heartbeats["instance_id"], table.ids)
-    sent, sent_missing = epoch_seconds(heartbeats["sent_at"])
     # Unknown or null instances look up a sentinel row appended at the end.
     lookup = np.where(position >= 0, position, len(table.ids))
     tier_known = np.append(table.tier_known, True)[lookup]
@@ -228,23 +236,68 @@ def clean_heartbeats(
         sent > run_second + rules.future_tolerance_s,
         sent >= stopped_at,
     ]
-    reason_code = np.select(conditions, np.arange(1, len(conditions) + 1), 0)
+    return np.select(conditions, np.arange(1, len(conditions) + 1), 0)
 
-    # A bad row belongs to the day of its sent_at, or of its received_at when the
-    # sent_at cannot be trusted (null or in the future).
+
+def _day_quarantine(
+    heartbeats: pd.DataFrame,
+    reason_code: np.ndarray,
+    sent: np.ndarray,
+    sent_missing: np.ndarray,
+    usage_date: dt.date,
+) -> pd.DataFrame:
+    """The bad rows that belong to the day: by their sent_at, or by their
+    received_at when the sent_at cannot be trusted (null or in the future)."""
     bad = reason_code > 0
-    if bad.any():
-        received, _ = epoch_seconds(heartbeats["received_at"])
-        by_received = sent_missing | (reason_code == 5)
-        stamp = np.where(by_received, received, sent)
-        in_day = bad & (stamp >= day_start) & (stamp < day_end)
-        quarantine = heartbeats.loc[in_day, QUARANTINE_COLUMNS[:-1]].copy()
-        quarantine["reason"] = [QUARANTINE_REASONS[code - 1] for code in reason_code[in_day]]
-        quarantine = quarantine.reset_index(drop=True)
-    else:
-        quarantine = pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    if not bad.any():
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    day_start, day_end = day_bounds_epoch(usage_date)
+    received, _ = epoch_seconds(heartbeats["received_at"])
+    by_received = sent_missing | (reason_code == _FUTURE_CODE)
+    stamp = np.where(by_received, received, sent)
+    in_day = bad & (stamp >= day_start) & (stamp < day_end)
+    quarantine = heartbeats.loc[in_day, QUARANTINE_COLUMNS[:-1]].copy()
+    quarantine["reason"] = [QUARANTINE_REASONS[code - 1].value for code in reason_code[in_day]]
+    return quarantine.reset_index(drop=True)
 
-    good = ~bad
+
+def billable_heartbeats(
+    heartbeats: pd.DataFrame,
+    instances: pd.DataFrame,
+    throttle: pd.DataFrame,
+    run_time: dt.datetime,
+    rules: MeteringRules,
+    known_tiers: frozenset[str],
+) -> pd.DataFrame:
+    """The heartbeats that pass rule 3.1 (nothing to quarantine), with their
+    instance's org and tier: what reaches billing, for the extract's quality suite."""
+    table = _instance_table(instances, throttle, rules, known_tiers)
+    position = _instance_positions(heartbeats["instance_id"], table.ids)
+    sent, sent_missing = epoch_seconds(heartbeats["sent_at"])
+    keep = _reason_codes(position, sent, sent_missing, table, run_time, rules) == 0
+    billable = heartbeats.loc[keep, ["instance_id", "sent_at", "active"]].reset_index(drop=True)
+    billable["org_id"] = table.org[position[keep]]
+    billable["tier"] = table.tier[position[keep]]
+    return billable
+
+
+def clean_heartbeats(
+    heartbeats: pd.DataFrame,
+    table: _InstanceTable,
+    usage_date: dt.date,
+    run_time: dt.datetime,
+    rules: MeteringRules,
+) -> tuple[_CleanHeartbeats, pd.DataFrame, int]:
+    """Rule 3.1: quarantine bad rows (those belonging to the day are returned), floor
+    to the second, collapse duplicates (active if any copy is). Returns clean
+    heartbeats sorted by (instance, sent), the day's quarantine and its duplicate count."""
+    day_start, day_end = day_bounds_epoch(usage_date)
+    position = _instance_positions(heartbeats["instance_id"], table.ids)
+    sent, sent_missing = epoch_seconds(heartbeats["sent_at"])
+    reason_code = _reason_codes(position, sent, sent_missing, table, run_time, rules)
+    quarantine = _day_quarantine(heartbeats, reason_code, sent, sent_missing, usage_date)
+
+    good = reason_code == 0
     is_active = heartbeats["active"].astype("boolean").fillna(True).to_numpy(dtype=bool)[good]
     instance = position[good]
     sent = sent[good]
@@ -520,8 +573,42 @@ def compute_in_org_chunks(
 # ---------------------------------------------------------------------------
 
 
-def write_billed_usage(billing_engine: Engine, usage_date: dt.date, result: MeteringResult) -> None:
-    """Replace the day's rows in one transaction (a re-run replaces, never adds)."""
+def not_future_before(run_time: dt.datetime, rules: MeteringRules) -> dt.datetime:
+    """sent_at earlier than this is not `future` at `run_time` (floored seconds:
+    future means floor(sent_at) > floor(run_time) + tolerance)."""
+    run_second = pd.Timestamp(run_time).floor("s").to_pydatetime()
+    return run_second + dt.timedelta(seconds=rules.future_tolerance_s + 1)
+
+
+def _release_rejudged_future(
+    cursor: psycopg.Cursor, usage_date: dt.date, run_time: dt.datetime, rules: MeteringRules
+) -> None:
+    """Rows another day quarantined as `future` that this day has judged now (its
+    sent_at is in this day and no longer in the future): out of that quarantine."""
+    day_start, day_end = day_bounds(usage_date)
+    cursor.execute(
+        load_sql("metering/delete_rejudged_future.sql"),
+        {
+            "reason": QuarantineReason.FUTURE.value,
+            "usage_date": usage_date,
+            "day_start": day_start,
+            "day_end": day_end,
+            "not_future_before": not_future_before(run_time, rules),
+        },
+    )
+
+
+def write_billed_usage(
+    billing_engine: Engine,
+    usage_date: dt.date,
+    result: MeteringResult,
+    *,
+    run_time: dt.datetime | None = None,
+    rules: MeteringRules | None = None,
+) -> None:
+    """Replace the day's rows in one transaction (a re-run replaces, never adds).
+    Given the run time, `future` rows of other days that this day judged leave
+    their quarantine in the same transaction."""
     quarantine_rows = (
         (usage_date, *(None if pd.isna(value) else value for value in row))
         for row in result.quarantine.itertuples(index=False)
@@ -540,6 +627,8 @@ def write_billed_usage(billing_engine: Engine, usage_date: dt.date, result: Mete
                 ("metering/copy_quarantine.sql", quarantine_rows),
             ],
         )
+        if run_time is not None:
+            _release_rejudged_future(cursor, usage_date, run_time, rules or MeteringRules())
 
 
 def read_billed_usage(billing_engine: Engine, usage_date: dt.date) -> pd.DataFrame:
@@ -601,22 +690,37 @@ def billed_usage_checks(
     }
 
 
+def _billable_sample(
+    extract: DayExtract, run_time: dt.datetime, rules: MeteringRules, known_tiers: frozenset[str]
+) -> pd.DataFrame:
+    """An evenly spread sample of the extract, after quarantine (what reaches billing)."""
+    from assets.quality import sample_positions
+
+    sample = extract.heartbeats.take(sample_positions(len(extract.heartbeats))).to_frame()
+    return billable_heartbeats(
+        sample, extract.instances, extract.throttle, run_time, rules, known_tiers
+    )
+
+
 def _check_results(
     stored: pd.DataFrame,
     extract: DayExtract,
     result: MeteringResult,
+    run_time: dt.datetime,
     rules: MeteringRules,
     known_tiers: frozenset[str],
 ) -> list[AssetCheckResult]:
     """The invariants, the Great Expectations suites (against the priced tiers) on
-    a sample of the extract and on the stored rows, and the quarantine warning."""
+    a sample of what reaches billing and on the stored rows, and the quarantine
+    warning. Quarantined rows never fail a blocking check: they are counted."""
     from assets.quality import great_expectations_checks
 
     checks = [
         AssetCheckResult(check_name=name, passed=passed, metadata=details)
         for name, (passed, details) in billed_usage_checks(stored, extract.throttle, rules).items()
     ]
-    checks += great_expectations_checks(extract.heartbeats, extract.instances, stored, known_tiers)
+    billable = _billable_sample(extract, run_time, rules, known_tiers)
+    checks += great_expectations_checks(billable, extract.instances, stored, known_tiers)
     checks.append(_quarantine_warning(extract, result))
     return checks
 
@@ -667,6 +771,11 @@ def _materialization_metadata(
     }
 
 
+def current_run_time() -> dt.datetime:
+    """The run time that judges `future` rows (tests move it)."""
+    return dt.datetime.now(dt.UTC)
+
+
 @asset(
     partitions_def=daily_partitions,
     group_name="metering",
@@ -694,7 +803,7 @@ def _materialization_metadata(
 def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
     usage_date = partition_day(context.partition_key)
     known_tiers = pricing_or_fail().known_tiers  # a bad pricing file fails here, not retried
-    run_time = dt.datetime.now(dt.UTC)
+    run_time = current_run_time()
     rules = MeteringRules()
     extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
     context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
@@ -710,9 +819,9 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
         known_tiers=known_tiers,
     )
     billing_engine = postgres.billing_engine()
-    write_billed_usage(billing_engine, usage_date, result)
+    write_billed_usage(billing_engine, usage_date, result, run_time=run_time, rules=rules)
     stored = read_billed_usage(billing_engine, usage_date)
     return MaterializeResult(
         metadata=_materialization_metadata(usage_date, stored, extract, result),
-        check_results=_check_results(stored, extract, result, rules, known_tiers),
+        check_results=_check_results(stored, extract, result, run_time, rules, known_tiers),
     )
