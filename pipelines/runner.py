@@ -58,17 +58,65 @@ def _user_message(error) -> str | None:
     return None
 
 
+def _framework_message(error) -> str | None:
+    """A failure Dagster raised itself (a blocking check failed): its own text on
+    one line, without the `dagster._core.errors.SomeError: ` prefix."""
+    text = (getattr(error, "message", None) or "").strip()
+    if not text:
+        return None
+    head, separator, rest = text.partition(": ")
+    if separator and head.startswith("dagster.") and " " not in head:
+        text = rest
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _metadata_text(metadata: dict) -> str:
+    return ", ".join(
+        f"{key}: {getattr(value, 'value', value)}"
+        for key, value in metadata.items()
+        if getattr(value, "value", value) not in ("", None)
+    )
+
+
+def _failed_checks(result) -> dict[str, str]:
+    """Per step, what its failed blocking checks found (check name and metadata)."""
+    found: dict[str, list[str]] = {}
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed or not evaluation.blocking:
+            continue
+        step = evaluation.asset_key.to_user_string()
+        details = _metadata_text(evaluation.metadata)
+        found.setdefault(step, []).append(
+            f"{evaluation.check_name} ({details})" if details else evaluation.check_name
+        )
+    return {step: "; ".join(checks) for step, checks in found.items()}
+
+
+def _own_message(data) -> str | None:
+    """The step's own error: a Failure's description or the user's exception."""
+    user_failure = getattr(data, "user_failure_data", None)
+    message = getattr(user_failure, "description", None) or _user_message(
+        getattr(data, "error", None)
+    )
+    return message.splitlines()[0] if message else None
+
+
 def failure_messages(result) -> list[tuple[str, str]]:
-    """The first line of each failed step's own error (not Dagster's retry wrapper)."""
+    """One line per failed step: its own error (not Dagster's retry wrapper), or,
+    when Dagster failed it (a blocking check), Dagster's reason on one line with
+    what the failed checks found."""
+    failed_checks = _failed_checks(result)
     messages: dict[str, str] = {}
     for event in result.all_events:
         data = event.event_specific_data
         if not event.step_key or data is None:
             continue
-        user_failure = getattr(data, "user_failure_data", None)
-        message = getattr(user_failure, "description", None) or _user_message(
-            getattr(data, "error", None)
-        )
+        message = _own_message(data)
         if message:
-            messages[event.step_key] = message.splitlines()[0]
+            messages[event.step_key] = message
+        elif event.is_step_failure and event.step_key not in messages:
+            framework = _framework_message(getattr(data, "error", None))
+            checks = failed_checks.get(event.step_key)
+            if framework:
+                messages[event.step_key] = f"{framework} — {checks}" if checks else framework
     return list(messages.items())
