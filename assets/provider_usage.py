@@ -257,7 +257,12 @@ def provider_usage(
     except ProviderError as error:
         raise Failure(description=str(error)) from None
     with raw_connection(billing_engine) as connection:
-        write_provider_usage(connection, usage_date, usage, reads, plans)
+        # Report-only never replaces what a real run read from the providers.
+        kept = run_mode.report_only and bool(
+            read_frame(connection, "provider_usage/real_reads_exist.sql", params)["real"].iloc[0]
+        )
+        if not kept:
+            write_provider_usage(connection, usage_date, usage, reads, plans)
 
     polar_customers = stats.get("polar_customers", 0)
     metadata: dict[str, Any] = {
@@ -269,6 +274,8 @@ def provider_usage(
         "polar_one_call_per_customer_would_be": polar_customers * len(tiers),
         "recorded_hours": MetadataValue.float(round(int(usage["seconds"].sum()) / 3600, 3)),
         "plans_read": len(plans),
+        "report_only": run_mode.report_only,
+        "kept_real_reads": kept,
     }
     for read in reads:
         metadata[f"{read['provider']}_status"] = read["status"]

@@ -611,12 +611,25 @@ def reconciliation(
             )
         )
     discrepancies = compute_discrepancies(inputs, pricing, rules)
-    with raw_connection(postgres.billing_engine()) as connection:
-        write_discrepancies(connection, usage_date, discrepancies)
+    # Report-only on a day a real run reconciled: show what it finds, replace nothing
+    # (the real run's discrepancies, explanations and proposals are what people act on).
+    kept = run_mode.report_only and bool((inputs.get("reads")["status"] != "skipped").any())
+    if kept:
+        context.log.info(
+            f"report-only: {len(discrepancies)} discrepancies found; the day's "
+            "reconciliation from its last real run is kept"
+        )
+    else:
+        with raw_connection(postgres.billing_engine()) as connection:
+            write_discrepancies(connection, usage_date, discrepancies)
 
     credits = credit_candidates(discrepancies, inputs.get("credits"), pricing)
     counters_fresh = counters_check(counters, inputs.get("billed"), latest_counter, now, rules)
+    metadata = reconciliation_metadata(inputs, discrepancies, credits, pricing)
+    # Freshness counts only real runs' reconciliations (pipelines/freshness.py).
+    metadata["report_only"] = run_mode.report_only
+    metadata["kept_real_reconciliation"] = kept
     return MaterializeResult(
-        metadata=reconciliation_metadata(inputs, discrepancies, credits, pricing),
+        metadata=metadata,
         check_results=discrepancy_checks(discrepancies, counters_fresh),
     )

@@ -267,32 +267,46 @@ def _parse_day(key: str | None) -> dt.date | None:
         return None
 
 
+def _is_report_only(materialization) -> bool:
+    value = materialization.metadata.get("report_only")
+    return bool(getattr(value, "value", value))
+
+
 def last_reconciliation(instance) -> LastReconciliation:
-    """Facts about the `reconciliation` asset from a Dagster instance."""
+    """Facts about the `reconciliation` asset from a Dagster instance. Report-only
+    runs never count: they read no provider and replace nothing."""
     from dagster import AssetKey
 
     key = AssetKey(RECONCILIATION_ASSET)
-    event = instance.get_latest_materialization_event(key)
-    days = frozenset(
-        day
-        for day in (
-            _parse_day(partition) for partition in instance.get_materialized_partitions(key)
-        )
-        if day
-    )
-    if event is None:
-        return LastReconciliation(None, None, None, days)
-    success_at = dt.datetime.fromtimestamp(event.timestamp, dt.UTC)
+    latest = None
+    days: set[dt.date] = set()
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(key, limit=500, cursor=cursor, ascending=False)
+        for record in page.records:
+            materialization = record.asset_materialization
+            if materialization is None or _is_report_only(materialization):
+                continue
+            latest = latest or record
+            day = _parse_day(materialization.partition)
+            if day:
+                days.add(day)
+        cursor = page.cursor
+        if not page.has_more:
+            break
+    if latest is None:
+        return LastReconciliation(None, None, None, frozenset(days))
+    success_at = dt.datetime.fromtimestamp(latest.timestamp, dt.UTC)
     duration = None
-    if event.run_id:
+    if latest.run_id:
         try:
-            stats = instance.get_run_stats(event.run_id)
+            stats = instance.get_run_stats(latest.run_id)
         except Exception:  # noqa: BLE001 - a run deleted from storage has no stats
             stats = None
         if stats is not None and stats.start_time:
-            end = stats.end_time or event.timestamp
+            end = stats.end_time or latest.timestamp
             duration = max(0.0, end - stats.start_time)
-    return LastReconciliation(success_at, event.run_id or None, duration, days)
+    return LastReconciliation(success_at, latest.run_id or None, duration, frozenset(days))
 
 
 def read_freshness(instance, now: dt.datetime) -> tuple[Freshness, LastReconciliation]:
