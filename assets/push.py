@@ -10,7 +10,7 @@ ever goes out; a decrease cancels young Stripe events or becomes a credit propos
 
 import datetime as dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import pandas as pd
@@ -59,6 +59,15 @@ class _Session:
     client: BillingProvider
     usage_date: dt.date
     stats: Stats
+    # Events whose answer never came (their rows stay pending for the next run).
+    unanswered: list[str] = field(default_factory=list)
+
+    def failure(self) -> str | None:
+        """The message for the step's failure when events went unanswered."""
+        if not self.unanswered:
+            return None
+        count = len(self.unanswered)
+        return f"{count} event(s) unanswered, left pending for the next run: {self.unanswered[0]}"
 
 
 # ---------------------------------------------------------------------------
@@ -123,12 +132,13 @@ def push_day(
     stopped: set[str] = set()
     if any(action.kind in SETTLE_KINDS for action in actions):
         for provider, client in clients.items():
-            error = _settle_provider(
-                _Session(connection, client, usage_date, stats), actions, ledger
-            )
-            if error is not None:
+            session = _Session(connection, client, usage_date, stats)
+            error = _settle_provider(session, actions, ledger)
+            if error is not None:  # the provider is down: nothing new goes to it
                 errors.append(error)
                 stopped.add(provider)
+            elif (unanswered := session.failure()) is not None:
+                errors.append(unanswered)  # those rows stay pending; the rest goes on
         targets, ledger = _read_day(connection, params)
         actions = plan_push(usage_date, targets, orgs, ledger, now)
         more, more_errors = _open_clients(providers, actions, opened=clients)
@@ -156,7 +166,10 @@ def push_day(
             try:
                 if sends:
                     client.ensure_meters({a.tier for a in sends})
-                send_exactly_once(_Session(connection, client, usage_date, stats), sends)
+                session = _Session(connection, client, usage_date, stats)
+                send_exactly_once(session, sends)
+                if (unanswered := session.failure()) is not None:
+                    errors.append(unanswered)
             except ProviderError as error:
                 errors.append(str(error))
         _record_client_stats(stats, provider, client, started)
@@ -255,7 +268,8 @@ def _settle_provider(
     session: _Session, actions: list[PushAction], ledger: pd.DataFrame
 ) -> str | None:
     """One provider's phase 1, in order: verify stale pending rows, re-send pending
-    rows, cancel. Returns the message of the provider error that stopped it."""
+    rows, cancel. Returns the message of the provider error that stopped it (events
+    merely unanswered are in `session.unanswered`)."""
     client = session.client
     mine = [a for a in actions if a.provider == client.name]
     started = time.monotonic()
@@ -391,6 +405,10 @@ def _deliver(session: _Session, actions: list[PushAction], *, resend: bool) -> N
             stats["resent" if resend else "sent"] += 1
             stats["deduplicated"] += duplicate
             stats[f"seconds_{action.provider}"] += action.seconds
+        elif outcome.status == SendStatus.UNANSWERED:
+            # Delivery unknown: the row stays pending; the next run re-sends it.
+            session.unanswered.append(outcome.detail)
+            stats["unanswered"] = stats.get("unanswered", 0) + 1
         else:
             # The provider said no: nothing was stored under this identifier.
             updates.append(_update(outcome.identifier, LedgerStatus.FAILED, outcome.detail[:500]))

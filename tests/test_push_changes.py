@@ -156,3 +156,31 @@ def test_a_move_then_a_late_correction_credits_the_customer_that_was_charged(eng
         ("polar", "ext_x", "small"): 3600,
     }
     assert proposals(engine) == [("org-x", "stripe", "cus_x", "push_over_sent", 1800)]
+
+
+def test_saved_5xx_replays_do_not_block_retries_and_one_failure_keeps_the_rest(
+    engine, providers_env
+):
+    """Issue 10, push: Stripe replays a saved 500 to every retry with the same
+    Idempotency-Key, so each attempt needs its own; and an event whose retries run
+    out must not discard the other events' answers nor stop the day's push."""
+    from test_push_faults import clear_faults, expected_usage, faults, many_orgs
+
+    many_orgs(engine, 40, tiers=("small",), providers=("stripe",))
+    faults(providers_env, error_rate=0.75, seed=7)
+    failed = run_day(raise_on_error=False)
+    assert not failed.success
+    statuses = [row[4] for row in ledger(engine)]
+    # Answered events are marked sent even though others ran out of retries.
+    assert statuses.count("sent") >= 1 and statuses.count("pending") >= 1
+    sent_seconds = sum(row[3] for row in ledger(engine) if row[4] == "sent")
+    assert sent_seconds <= sum(sandbox_usage(providers_env).values())
+    # With 20 % errors and 10 % lost answers, re-runs converge on exactly billable.
+    faults(providers_env, error_rate=0.2, drop_after_store_rate=0.1, seed=11)
+    for _ in range(6):
+        if run_day(raise_on_error=False).success:
+            break
+    clear_faults(providers_env)
+    assert run_day().success
+    assert sandbox_usage(providers_env) == expected_usage(engine)
+    assert {row[4] for row in ledger(engine)} == {"sent"}

@@ -389,3 +389,36 @@ def test_serve_runs_a_blocking_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_stripe_saves_a_500_per_idempotency_key_and_replays_it(sandbox_clean, stripe_client):
+    """As Stripe does: the answer to a keyed request, a 500 included, is replayed to
+    every retry with that key (24 h of sandbox time); a new key is a new request."""
+    small_meter(stripe_client)
+    form = {
+        "event_name": "tally_instance_seconds_small",
+        "identifier": "saved-500",
+        "timestamp": str(int(time.time()) - 3600),
+        "payload[stripe_customer_id]": "cus_a",
+        "payload[value]": "60",
+    }
+    with httpx.Client(base_url=sandbox_clean.base_url, headers=AUTH) as client:
+        faults(sandbox_clean, error_rate=1.0)
+        first = client.post(
+            "/v1/billing/meter_events", data=form, headers={"Idempotency-Key": "k1"}
+        )
+        assert first.status_code == 500
+        faults(sandbox_clean, error_rate=0)
+        again = client.post(
+            "/v1/billing/meter_events", data=form, headers={"Idempotency-Key": "k1"}
+        )
+        assert again.status_code == 500 and again.headers.get("Idempotent-Replayed") == "true"
+        fresh = client.post(
+            "/v1/billing/meter_events", data=form, headers={"Idempotency-Key": "k2"}
+        )
+        assert fresh.status_code == 200
+        sandbox_clean.post("/_sandbox/clock", json={"advance_seconds": 86_401}).raise_for_status()
+        expired = client.post(
+            "/v1/billing/meter_events", data=form, headers={"Idempotency-Key": "k1"}
+        )
+        assert expired.headers.get("Idempotent-Replayed") != "true"

@@ -27,6 +27,7 @@ class SendStatus(StrEnum):
     SENT = "sent"
     DUPLICATE = "duplicate"  # the identifier was already stored: delivered once
     REJECTED = "rejected"  # the provider said no: nothing stored
+    UNANSWERED = "unanswered"  # retries exhausted or circuit open: delivery unknown
 
 
 class CorrectionMethod(StrEnum):
@@ -141,7 +142,8 @@ class BillingProvider(Protocol):
         ...
 
     def send(self, events: list[UsageEvent]) -> list[SendOutcome]:
-        """Deliver events; one outcome per event, whatever happens to the others."""
+        """Deliver events; one outcome per event, whatever happens to the others (an
+        event whose answer never came is UNANSWERED, not an exception)."""
         ...
 
     def cancel(self, event: UsageEvent) -> str:

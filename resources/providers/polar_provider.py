@@ -16,6 +16,7 @@ from resources.providers.base import (
     CorrectionMethod,
     CreditResult,
     Provider,
+    ProviderError,
     ProviderPlan,
     RecordedUsage,
     Rejected,
@@ -133,6 +134,12 @@ class PolarProvider:
                 detail = redact_secrets(str(error), self._token)
                 outcomes.extend(
                     SendOutcome(event.identifier, SendStatus.REJECTED, detail) for event in batch
+                )
+                continue
+            except ProviderError as error:  # retries exhausted, circuit open: unknown
+                outcomes.extend(
+                    SendOutcome(event.identifier, SendStatus.UNANSWERED, str(error))
+                    for event in batch
                 )
                 continue
             # Polar's external_id dedupe is permanent: inserted or duplicate, the

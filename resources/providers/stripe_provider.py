@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
+from uuid import uuid4
 
 import stripe
 
@@ -17,6 +18,7 @@ from resources.providers.base import (
     CorrectionMethod,
     CreditResult,
     Provider,
+    ProviderError,
     ProviderPlan,
     RecordedUsage,
     Rejected,
@@ -30,6 +32,15 @@ from resources.providers.guard import CallGuard, RateLimiter, Retryable
 T = TypeVar("T")
 
 STRIPE_EVENT_NAME = "tally_instance_seconds_{tier}"
+
+
+def _fresh_key(prefix: str) -> str:
+    """An Idempotency-Key for one attempt. Stripe saves a keyed request's answer, a
+    500 included, and replays it to every retry with that key for 24 h, so retries
+    need their own; what keeps a retry from counting twice is the meter event's
+    identifier (deduped by Stripe), a cancel being a no-op the second time, and
+    `find_credit` before a credit."""
+    return f"{prefix}:{uuid4().hex[:16]}"
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -138,7 +149,12 @@ class StripeProvider:
             ).auto_paging_iter()
         }
         for event_name in sorted(wanted - existing):
-            self._write(partial(self._create_meter, event_name))
+            try:
+                self._write(partial(self._create_meter, event_name))
+            except stripe.StripeError as error:
+                # A retry after a lost answer finds the meter made by the first attempt.
+                if getattr(error, "code", None) != "resource_already_exists":
+                    raise
         self._meters_ready |= wanted
 
     def _create_meter(self, event_name: str) -> Any:
@@ -150,7 +166,7 @@ class StripeProvider:
                 "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
                 "value_settings": {"event_payload_key": "value"},
             },
-            {"idempotency_key": f"tally-meter-{event_name}"},
+            {"idempotency_key": _fresh_key(f"tally-meter-{event_name}")},
         )
 
     def _send_one(self, event: UsageEvent) -> SendOutcome:
@@ -163,13 +179,15 @@ class StripeProvider:
         try:
             self._write(
                 lambda: self.client.v1.billing.meter_events.create(
-                    params, {"idempotency_key": event.identifier}
+                    params, {"idempotency_key": _fresh_key(event.identifier)}
                 )
             )
         except stripe.StripeError as error:
             if _is_duplicate(error):
                 return SendOutcome(event.identifier, SendStatus.DUPLICATE)
             return SendOutcome(event.identifier, SendStatus.REJECTED, self._message(error))
+        except ProviderError as error:  # retries exhausted, circuit open: unknown
+            return SendOutcome(event.identifier, SendStatus.UNANSWERED, str(error))
         return SendOutcome(event.identifier, SendStatus.SENT)
 
     def send(self, events: list[UsageEvent]) -> list[SendOutcome]:
@@ -188,7 +206,7 @@ class StripeProvider:
                         "type": "cancel",
                         "cancel": {"identifier": event.identifier},
                     },
-                    {"idempotency_key": f"cancel-{event.identifier}"},
+                    {"idempotency_key": _fresh_key(f"cancel-{event.identifier}")},
                 )
             )
         except stripe.StripeError as error:
@@ -306,10 +324,10 @@ class StripeProvider:
     def apply_credit(
         self, customer_id: str, amount_cents: int, currency: str, description: str, proposal_id: int
     ) -> CreditResult:
-        """A negative customer balance transaction (it reduces the next invoice).
-        Idempotency-Key `tally-credit-{id}` makes a retry after a lost answer replay
-        the first transaction; `find_credit` covers retries past Stripe's 24 h key
-        lifetime."""
+        """A negative customer balance transaction (it reduces the next invoice),
+        tagged with metadata tally_proposal_id: every attempt first looks for one
+        already made for the proposal (`find_credit`), so a retry after a lost answer,
+        or a re-run days later, never credits twice."""
         if amount_cents <= 0:
             raise Rejected(self.name, f"credit amount must be positive, got {amount_cents} cents")
         existing = self.find_credit(customer_id, proposal_id)
@@ -317,22 +335,29 @@ class StripeProvider:
             return CreditResult(
                 CorrectionMethod.STRIPE_BALANCE_TRANSACTION, existing, "found at Stripe"
             )
+
+        def attempt() -> Any:
+            # Each attempt looks first: an earlier attempt whose answer was lost may
+            # have made the transaction (its own key would only replay a saved 5xx).
+            found = self.find_credit(customer_id, proposal_id)
+            if found:
+                return found
+            return self.client.v1.customers.balance_transactions.create(
+                customer_id,
+                {
+                    "amount": -amount_cents,
+                    "currency": currency,
+                    "description": description[:350],
+                    "metadata": {"tally_proposal_id": str(proposal_id)},
+                },
+                {"idempotency_key": _fresh_key(f"tally-credit-{proposal_id}")},
+            ).id
+
         try:
-            transaction = self._write(
-                lambda: self.client.v1.customers.balance_transactions.create(
-                    customer_id,
-                    {
-                        "amount": -amount_cents,
-                        "currency": currency,
-                        "description": description[:350],
-                        "metadata": {"tally_proposal_id": str(proposal_id)},
-                    },
-                    {"idempotency_key": f"tally-credit-{proposal_id}"},
-                )
-            )
+            reference = self._write(attempt)
         except stripe.StripeError as error:
             raise self._rejected(error) from None
-        return CreditResult(CorrectionMethod.STRIPE_BALANCE_TRANSACTION, transaction.id)
+        return CreditResult(CorrectionMethod.STRIPE_BALANCE_TRANSACTION, reference)
 
     # -- counters ----------------------------------------------------------------
 

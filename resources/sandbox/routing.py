@@ -168,13 +168,18 @@ async def _run(
     if spec.idempotent_posts and ctx.method == "POST":
         idem_key = ctx.headers.get("idempotency-key", "")
     with state.lock:
-        if state.faults.error_rate > 0 and state.rng.random() < state.faults.error_rate:
-            state.stats.bump(spec.name, "injected_errors")
-            return _render(spec.server_error("Injected fault: the server failed the request."))
         if idem_key:
             replay = _idempotency_lookup(state, spec, ctx, idem_key)
             if replay is not None:
                 return replay
+        if state.faults.error_rate > 0 and state.rng.random() < state.faults.error_rate:
+            state.stats.bump(spec.name, "injected_errors")
+            failure = spec.server_error("Injected fault: the server failed the request.")
+            if idem_key:
+                # Stripe saves the answer to a keyed request, a 500 included, and
+                # replays it to every retry with the same key for 24 h.
+                _idempotency_store(state, ctx, idem_key, failure.status, failure.payload)
+            return _render(failure)
         try:
             status, payload = route.handler(state, ctx)
         except ApiError as error:
@@ -210,8 +215,8 @@ def _idempotency_lookup(
 ) -> Response | None:
     """Stripe replays a stored answer for a known key with the same request.
 
-    Only successful answers are stored (Stripe saves nothing when validation
-    failed); keys expire 24 h after first use.
+    Successful answers and server errors are stored (Stripe saves nothing when
+    validation failed); keys expire 24 h after first use.
     """
     store = state.stripe.idempotency
     record = store.get(key)
