@@ -23,6 +23,7 @@ from assets.metering import MeteringRules
 from assets.pricing import Pricing, PricingError, to_cents
 from resources.calendar import SECONDS_PER_DAY
 from resources.control_plane import COLUMNS as CONTROL_PLANE
+from resources.providers.base import usable_customer_id
 
 
 class DiscrepancyKind(StrEnum):
@@ -231,7 +232,7 @@ def org_facts(inputs: ReconcileInputs, rules: ReconcileRules) -> dict[str, OrgFa
         orgs[row.org_id] = OrgFacts(
             as_text(row.plan),
             as_text(row.provider),
-            as_text(row.provider_customer_id),
+            usable_customer_id(row.provider_customer_id),
             default_limit if limit is None else limit,
         )
     return orgs

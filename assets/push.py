@@ -42,6 +42,7 @@ from resources.providers import (
     ProvidersResource,
     SendStatus,
     UsageEvent,
+    provider_error_metric_key,
 )
 from resources.settings import RunMode
 
@@ -291,11 +292,14 @@ def _settle_provider(
 def _record_client_stats(
     stats: Stats, provider: str, client: BillingProvider, started: float
 ) -> None:
-    """`<provider>_push_ms` (both phases) and the client's request counters."""
+    """`<provider>_push_ms` (both phases) and the client's request counters; the
+    failed-request count under the key the metrics server sums."""
     settle_ms = stats.pop(f"{provider}_settle_ms", 0)
     stats[f"{provider}_push_ms"] = settle_ms + int((time.monotonic() - started) * 1000)
-    for key, value in client.stats().items():
-        stats[f"{provider}_{key}"] = value
+    counters = client.stats()
+    for key in ("requests", "retried", "rate_limited"):
+        stats[f"{provider}_{key}"] = counters[key]
+    stats[provider_error_metric_key(provider)] = counters["errors"]
 
 
 def _of_kind(actions: list[PushAction], kind: PushActionKind) -> list[PushAction]:
