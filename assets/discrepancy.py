@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from assets.metering import MeteringRules
+from assets.metering_rules import MeteringRules
 from assets.pricing import Pricing, PricingError, to_cents
 from resources.calendar import SECONDS_PER_DAY
 from resources.control_plane import COLUMNS as CONTROL_PLANE

@@ -119,7 +119,7 @@ def test_failed_invariant_blocks(engine):
     """A billed row breaking the identity is caught by the blocking check."""
     import pandas as pd
 
-    from assets.metering import billed_usage_checks
+    from assets.metering_checks import billed_usage_checks
 
     broken = pd.DataFrame(
         [
