@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from builders import add_heartbeats, add_instance, add_org, at, every_minute
+from test_customer_changes import money_moving
 from test_push import DAY, run_day, sandbox_usage
 from test_push_faults import ledger
+from test_reconcile import RECONCILE, run
 
 
 def advance(sandbox, hours: float) -> None:
@@ -34,6 +36,12 @@ def daily_limit(engine, org: str, minutes: int) -> None:
             sa.text("INSERT INTO throttle_settings VALUES (:o, 480, :m, 30)"),
             {"o": org, "m": minutes},
         )
+
+
+def reconciled(engine) -> list[tuple]:
+    """Read back and reconcile the day; its money-moving discrepancies."""
+    run(RECONCILE)
+    return money_moving(engine)
 
 
 def proposals(engine) -> list[tuple]:
@@ -72,6 +80,13 @@ def test_a_resent_duplicate_keeps_its_first_acceptance_and_is_never_replaced(eng
     assert sandbox_usage(providers_env) == {("stripe", "cus_DUP1", "small"): 3600}
     assert [(row[2], row[3], row[4]) for row in ledger(engine)] == [(1, 3600, "sent")]
     assert proposals(engine) == [("org-s", "stripe", "cus_DUP1", "push_over_sent", 1800)]
+    # Reconciliation sees the over-charge the proposal hands back, and proposes no
+    # second credit for the same seconds.
+    assert reconciled(engine) == [
+        ("cap_exceeded", "org-s", None, "stripe", 1800),
+        ("provider_over", "org-s", "small", "stripe", 1800),
+    ]
+    assert proposals(engine) == [("org-s", "stripe", "cus_DUP1", "push_over_sent", 1800)]
 
 
 def test_a_refused_cancel_is_never_replaced_and_becomes_a_credit(engine, providers_env):
@@ -94,6 +109,11 @@ def test_a_refused_cancel_is_never_replaced_and_becomes_a_credit(engine, provide
     run_day()
     assert sandbox_usage(providers_env) == {("stripe", "cus_REF1", "small"): 3600}
     assert [(row[2], row[3], row[4]) for row in ledger(engine)] == [(1, 3600, "cancel_refused")]
+    assert reconciled(engine) == [
+        ("cap_exceeded", "org-s", None, "stripe", 1800),
+        ("provider_over", "org-s", "small", "stripe", 1800),
+    ]
+    assert proposals(engine) == [("org-s", "stripe", "cus_REF1", "push_over_sent", 1800)]
 
 
 def _moved_org(engine, providers_env):
@@ -141,6 +161,7 @@ def test_a_move_then_a_correction_cancels_at_the_old_provider_and_sends_to_the_n
         (2, "polar", "ext_x"),
         (3, "polar", "ext_x"),
     ]
+    assert reconciled(engine) == [] and proposals(engine) == []
 
 
 def test_a_move_then_a_late_correction_credits_the_customer_that_was_charged(engine, providers_env):
@@ -155,6 +176,11 @@ def test_a_move_then_a_late_correction_credits_the_customer_that_was_charged(eng
         ("stripe", "cus_x", "small"): 7200,
         ("polar", "ext_x", "small"): 3600,
     }
+    assert proposals(engine) == [("org-x", "stripe", "cus_x", "push_over_sent", 1800)]
+    assert reconciled(engine) == [
+        ("cap_exceeded", "org-x", None, "polar", 1800),
+        ("provider_over", "org-x", "small", "stripe", 1800),
+    ]
     assert proposals(engine) == [("org-x", "stripe", "cus_x", "push_over_sent", 1800)]
 
 
