@@ -67,10 +67,12 @@ def month_to_date_report(as_of: dt.date) -> list[str]:
     ]
     for row in rows:
         flag = " (free-tier overage, not charged)" if row["free_tier_overage"] else ""
+        # No alert sent: SQL NULL, which the frame hands over as NaN (truthy).
+        alerts = row["alerts"] if isinstance(row["alerts"], str) and row["alerts"] else "-"
         lines.append(
             f"{row['org_id']:<9}  {row['plan']:<15}  {_hours(row['billable_seconds']):>8}  "
             f"{_hours(row['included_seconds']):>10}  {_hours(row['overage_seconds']):>9}  "
-            f"{row['expected_charges']:>10,.2f}  {row['alerts'] or '-':<8}  "
+            f"{row['expected_charges']:>10,.2f}  {alerts:<8}  "
             f"{row['proposed_credits']:>17,.2f}{flag}"
         )
     return lines
