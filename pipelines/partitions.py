@@ -7,12 +7,29 @@ import os
 
 from dagster import DailyPartitionsDefinition
 
-DEFAULT_FIRST_DAY = "2020-01-01"
+
+def default_first_day(today: dt.date) -> dt.date:
+    """The first of the month two months before `today`: Stripe's 35-day window and
+    the month to date of quotas, without years of empty partitions a backfill's
+    "All" would turn into runs that push."""
+    month = today.replace(day=1)
+    for _ in range(2):
+        month = (month - dt.timedelta(days=1)).replace(day=1)
+    return month
 
 
-def first_partition_day() -> dt.date:
-    """`TALLY_FIRST_DAY` (YYYY-MM-DD) moves the first partition for older backfills."""
-    return dt.date.fromisoformat(os.environ.get("TALLY_FIRST_DAY") or DEFAULT_FIRST_DAY)
+def first_partition_day(today: dt.date | None = None) -> dt.date:
+    """`TALLY_FIRST_DAY` (YYYY-MM-DD) sets the first partition (older backfills);
+    unset, `default_first_day`."""
+    configured = os.environ.get("TALLY_FIRST_DAY")
+    if configured:
+        try:
+            return dt.date.fromisoformat(configured)
+        except ValueError:
+            raise ValueError(
+                f"TALLY_FIRST_DAY={configured!r} is not a date; set it as YYYY-MM-DD"
+            ) from None
+    return default_first_day(today or dt.datetime.now(dt.UTC).date())
 
 
 # end_offset=1 includes today's (still growing) day so it can be metered on demand;

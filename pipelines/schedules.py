@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from dagster import RunRequest, ScheduleEvaluationContext, schedule
+from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext, schedule
 
 from pipelines.jobs import daily_billing
 
@@ -15,6 +15,8 @@ from pipelines.jobs import daily_billing
     execution_timezone="UTC",
     name="daily_billing_schedule",
     description="02:00 UTC: meter, push and reconcile yesterday.",
+    # On from the first deploy: a billing pipeline that waits for a switch bills nothing.
+    default_status=DefaultScheduleStatus.RUNNING,
 )
 def daily_billing_schedule(context: ScheduleEvaluationContext) -> RunRequest:
     yesterday = (context.scheduled_execution_time.astimezone(dt.UTC) - dt.timedelta(days=1)).date()

@@ -82,7 +82,7 @@ def test_schedule_and_sensors() -> None:
         "UTC",
         "daily_billing",
     )
-    assert schedule.default_status.value == "STOPPED"
+    assert schedule.default_status.value == "RUNNING"
     sensors = {sensor.name: sensor.default_status.value for sensor in defs.sensors}
     assert sensors == {"reconciliation_freshness": "RUNNING", "deadmans_switch": "RUNNING"}
 
