@@ -156,3 +156,9 @@ def discrepancy_rows(engine: sa.Engine, day: dt.date) -> list[dict]:
             sa.text("SELECT * FROM billing.discrepancies WHERE usage_date = :d "
                     "ORDER BY kind, org_id, tier NULLS FIRST, instance_id NULLS FIRST"),
             {"d": day})]
+
+
+def query_rows(engine: sa.Engine, sql: str, params: dict | None = None) -> list[tuple]:
+    """The rows of one query, as tuples."""
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(sa.text(sql), params or {})]

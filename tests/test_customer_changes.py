@@ -8,7 +8,7 @@ real SDKs, real Dagster runs."""
 from __future__ import annotations
 
 import sqlalchemy as sa
-from builders import add_org, discrepancy_rows
+from builders import add_org, discrepancy_rows, query_rows
 from test_push import sandbox_usage
 from test_reconcile import DAY, PIPELINE, add_at_provider, run, used
 
@@ -24,29 +24,19 @@ def money_moving(engine) -> list[tuple]:
 
 
 def proposals(engine) -> list[tuple]:
-    with engine.connect() as connection:
-        return [
-            tuple(row)
-            for row in connection.execute(
-                sa.text(
-                    "SELECT org_id, tier, provider, customer_id, kind, seconds "
-                    "FROM billing.credit_proposals WHERE status <> 'withdrawn' ORDER BY 1, 2"
-                )
-            )
-        ]
+    return query_rows(
+        engine,
+        "SELECT org_id, tier, provider, customer_id, kind, seconds "
+        "FROM billing.credit_proposals WHERE status <> 'withdrawn' ORDER BY 1, 2",
+    )
 
 
 def provider_rows(engine) -> list[tuple]:
-    with engine.connect() as connection:
-        return [
-            tuple(row)
-            for row in connection.execute(
-                sa.text(
-                    "SELECT org_id, tier, provider, customer_id, seconds "
-                    "FROM billing.provider_usage ORDER BY 1, 2, 3, 4"
-                )
-            )
-        ]
+    return query_rows(
+        engine,
+        "SELECT org_id, tier, provider, customer_id, seconds "
+        "FROM billing.provider_usage ORDER BY 1, 2, 3, 4",
+    )
 
 
 def move(engine, org: str, *, provider: str, customer: str) -> None:

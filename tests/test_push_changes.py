@@ -6,7 +6,7 @@ are real Dagster executions against the sandbox over HTTP."""
 from __future__ import annotations
 
 import sqlalchemy as sa
-from builders import add_heartbeats, add_instance, add_org, at, every_minute
+from builders import add_heartbeats, add_instance, add_org, at, every_minute, query_rows
 from test_customer_changes import money_moving
 from test_push import DAY, run_day, sandbox_usage
 from test_push_faults import ledger
@@ -45,16 +45,11 @@ def reconciled(engine) -> list[tuple]:
 
 
 def proposals(engine) -> list[tuple]:
-    with engine.connect() as connection:
-        return [
-            tuple(row)
-            for row in connection.execute(
-                sa.text(
-                    "SELECT org_id, provider, customer_id, kind, seconds "
-                    "FROM billing.credit_proposals ORDER BY 1"
-                )
-            )
-        ]
+    return query_rows(
+        engine,
+        "SELECT org_id, provider, customer_id, kind, seconds "
+        "FROM billing.credit_proposals ORDER BY 1",
+    )
 
 
 def test_a_resent_duplicate_keeps_its_first_acceptance_and_is_never_replaced(engine, providers_env):

@@ -12,23 +12,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from assets.push_plan import PushAction, PushActionKind, plan_push
+from assets.push_plan import (
+    LEDGER_COLUMNS,
+    TARGET_COLUMNS,
+    PushAction,
+    PushActionKind,
+    plan_push,
+)
 
 SQL = Path(__file__).resolve().parents[1] / "sql" / "push"
-TARGET_COLUMNS = ["org_id", "tier", "billable_seconds"]
 ORG_COLUMNS = ["org_id", "provider", "provider_customer_id"]
-LEDGER_COLUMNS = [
-    "org_id",
-    "tier",
-    "seq",
-    "provider",
-    "customer_id",
-    "quantity",
-    "identifier",
-    "status",
-    "sent_at",
-    "created_at",
-]
 
 DAY = dt.date(2024, 3, 4)
 NOON = dt.datetime(2024, 3, 4, 12, tzinfo=dt.UTC)
