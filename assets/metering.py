@@ -397,10 +397,32 @@ def current_run_time() -> dt.datetime:
             blocking=True,
             description="runtime = idle + over continuous + over daily + billable",
         ),
-        AssetCheckSpec("billable_within_daily_limit", asset="billed_usage", blocking=True),
-        AssetCheckSpec("no_negative_seconds", asset="billed_usage", blocking=True),
-        AssetCheckSpec("great_expectations_extract", asset="billed_usage", blocking=True),
-        AssetCheckSpec("great_expectations_output", asset="billed_usage", blocking=True),
+        AssetCheckSpec(
+            "billable_within_daily_limit",
+            asset="billed_usage",
+            blocking=True,
+            description="no org is billed more than its daily limit on the day",
+        ),
+        AssetCheckSpec(
+            "no_negative_seconds",
+            asset="billed_usage",
+            blocking=True,
+            description="no seconds column of any row is negative",
+        ),
+        AssetCheckSpec(
+            "great_expectations_extract",
+            asset="billed_usage",
+            blocking=True,
+            description="Great Expectations on a spread sample of the heartbeats that reach "
+            "billing: instance, time and org present, tier priced; instance ids unique",
+        ),
+        AssetCheckSpec(
+            "great_expectations_output",
+            asset="billed_usage",
+            blocking=True,
+            description="Great Expectations on the stored rows: one row per (org, tier), "
+            "tier priced, org present, no negative seconds",
+        ),
         AssetCheckSpec(
             "no_quarantined_heartbeats",
             asset="billed_usage",
