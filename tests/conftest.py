@@ -19,6 +19,9 @@ os.environ["TALLY_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["TALLY_STEP_RETRY_DELAY_S"] = "0.05"
+# Tests meter fixed days back to 2025 (month boundaries, backfills); production
+# partitions start two months back unless TALLY_FIRST_DAY says otherwise.
+os.environ["TALLY_FIRST_DAY"] = "2020-01-01"
 for variable in ("DATABASE_URL", "BILLING_DATABASE_URL"):
     os.environ.pop(variable, None)
 
