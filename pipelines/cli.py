@@ -36,6 +36,37 @@ def _date(value: str) -> dt.date:
         ) from None
 
 
+def _port(value: str) -> int:
+    """A TCP port to listen on: 1-65535 (0 would pick a random port, not the one
+    announced; larger numbers are not ports)."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"'{value}' is not a port; use a number 1-65535 that is free, e.g. 9464"
+        )
+    return port
+
+
+def _count(minimum: int):
+    """An integer flag of at least `minimum` (argparse type)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            kind = "a positive integer" if minimum > 0 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got '{value}'")
+        return number
+
+    parse.__name__ = "integer"  # argparse names the type in some messages
+    return parse
+
+
 def _days(start: dt.date, end: dt.date) -> list[dt.date]:
     from pipelines.partitions import first_partition_day
 
@@ -60,12 +91,25 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 
-def _check_databases() -> None:
-    from resources.db import DatabaseUnavailable, billing_engine, control_engine
+def _check_urls() -> None:
+    """DATABASE_URL / BILLING_DATABASE_URL are PostgreSQL URLs (nothing connected)."""
+    from resources.db import DatabaseUnavailable, check_database_urls
 
     try:
+        check_database_urls()
+    except DatabaseUnavailable as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_databases(*, migrate: bool = False) -> None:
+    """Both databases answer; with `migrate`, the billing database's migrations are
+    applied now, before anything that could fail reads or writes it."""
+    from resources.db import DatabaseUnavailable, billing_engine, control_engine
+
+    _check_urls()
+    try:
         control_engine()
-        billing_engine(apply_migrations=False)
+        billing_engine(apply_migrations=migrate)
     except DatabaseUnavailable as error:
         raise UsageError(str(error)) from None
 
@@ -96,11 +140,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from pipelines import seed
     from resources.db import control_engine
 
-    _check_databases()
     try:
-        counts = seed.run_from_args(args, control_engine())
+        spec = seed.spec_from_args(args)  # before any database is touched
     except ValueError as error:
         raise UsageError(str(error)) from None
+    _check_databases()
+    counts = seed.seed(control_engine(), spec)
     print("seeded " + ", ".join(f"{table}={count:,}" for table, count in counts.items()))
     return EXIT_OK
 
@@ -109,9 +154,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.demo import DemoError, run_demo
 
-    return run_demo(days=args.days, orgs=args.orgs, instances=args.instances, seed=args.seed)
+    try:
+        return run_demo(days=args.days, orgs=args.orgs, instances=args.instances, seed=args.seed)
+    except DemoError as error:
+        raise UsageError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- ui / sandbox
@@ -123,6 +171,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from pipelines.local import local_dagster_home
     from resources.db import PROJECT_ROOT, control_plane_url
 
+    _check_urls()
     os.environ.setdefault("DATABASE_URL", control_plane_url())
     local_dagster_home()
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
@@ -192,6 +241,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.freshness import read_freshness
     from pipelines.local import local_dagster_home, open_local_instance
 
+    _check_urls()
     home = local_dagster_home()
     with open_local_instance() as instance:
         freshness, facts = read_freshness(instance, dt.datetime.now(dt.UTC))
@@ -231,6 +281,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from pipelines.metrics import build_registry, exposition, metrics_server
     from resources.db import billing_engine
 
+    _check_urls()
     with open_local_instance() as instance:
         registry = build_registry(instance, lambda: billing_engine(apply_migrations=False))
         if args.once:
@@ -309,10 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser("demo", help="embedded DB + sandbox + seeded week, then report")
-    demo.add_argument("--days", type=int, default=7)
-    demo.add_argument("--orgs", type=int, default=15)
-    demo.add_argument("--instances", type=int, default=30)
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--days", type=_count(1), default=7, metavar="N")
+    demo.add_argument("--orgs", type=_count(1), default=15, metavar="N")
+    demo.add_argument("--instances", type=_count(1), default=30, metavar="N")
+    demo.add_argument("--seed", type=_count(0), default=7, metavar="N")
     demo.set_defaults(handler=cmd_demo)
 
     seed_parser = commands.add_parser("seed", help="synthetic control-plane data")
@@ -323,12 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="Dagster UI (and daemon) on this code location")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--port", type=_port, default=3000)
     ui.set_defaults(handler=cmd_ui)
 
     sandbox = commands.add_parser("sandbox", help="serve the local Stripe + Polar sandbox")
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=12111)
+    sandbox.add_argument("--port", type=_port, default=12111)
     sandbox.set_defaults(handler=cmd_sandbox)
 
     export = commands.add_parser(
@@ -349,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     metrics = commands.add_parser("metrics", help="serve the Prometheus metrics")
     metrics.add_argument("--host", default="127.0.0.1")
-    metrics.add_argument("--port", type=int, default=9464)
+    metrics.add_argument("--port", type=_port, default=9464)
     metrics.add_argument("--once", action="store_true", help="print the metrics once and exit")
     metrics.set_defaults(handler=cmd_metrics)
 

@@ -46,9 +46,45 @@ def _simulate_double_charge(engine: Engine, sandbox: RunningSandbox, day: dt.dat
     print(f"simulated a duplicate charge at Stripe: {org_id}, small tier, 2.0 h on {day}")
 
 
+class DemoError(ValueError):
+    """Demo flags that cannot work; the message names the flag and the fix."""
+
+
+def _yesterday() -> dt.date:
+    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
+def check_demo_flags(*, days: int, orgs: int, instances: int, seed: int) -> None:
+    """Refuse impossible flags before anything starts (the embedded PostgreSQL, the
+    sandbox), so a mistake leaves nothing running."""
+    from pipelines.partitions import first_partition_day
+
+    for flag, value, minimum in (
+        ("--days", days, 1),
+        ("--orgs", orgs, 1),
+        ("--instances", instances, 1),
+        ("--seed", seed, 0),
+    ):
+        if value < minimum:
+            kind = "a positive integer" if minimum else "an integer >= 0"
+            raise DemoError(f"{flag} must be {kind}, got {value}; e.g. {flag} 7")
+    if instances < orgs:
+        raise DemoError(
+            f"--instances ({instances}) must be at least --orgs ({orgs}), every org needs an "
+            f"instance; raise --instances to {orgs} or lower --orgs"
+        )
+    first, end = first_partition_day(), _yesterday()
+    if days > (end - first).days + 1:
+        raise DemoError(
+            f"--days {days} reaches before the first partition {first}; "
+            f"use at most --days {(end - first).days + 1}, e.g. --days 7"
+        )
+
+
 def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
     from resources.sandbox.testing import running_sandbox
 
+    check_demo_flags(days=days, orgs=orgs, instances=instances, seed=seed)
     print("tally demo: starting the embedded PostgreSQL under .tally/pg", flush=True)
     # The default embedded database, recreated: afterwards `tally ui`, `tally status`
     # and `tally org` see the demo's data without any settings.
@@ -76,7 +112,7 @@ def _seed_and_run(
     os.environ.pop("BILLING_DATABASE_URL", None)
     engine = control_engine()  # the recreated database, through DATABASE_URL
     create_control_plane(engine)
-    end_date = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    end_date = _yesterday()
     spec = seeding.SeedSpec(orgs=orgs, instances=instances, days=days, end_date=end_date, seed=seed)
     counts = seeding.seed(engine, spec)
     print(

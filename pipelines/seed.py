@@ -1040,6 +1040,17 @@ def spec_from_args(args: argparse.Namespace) -> SeedSpec:
                 f"--end-date must be a date as YYYY-MM-DD, got {end_date!r}; e.g. --end-date "
                 f"{_yesterday().isoformat()}"
             ) from None
+    today = dt.datetime.now(dt.UTC).date()
+    if end_date > today:
+        raise ValueError(
+            f"--end-date {end_date} is in the future (today is {today} UTC); seed days up "
+            f"to today, e.g. --end-date {_yesterday().isoformat()}"
+        )
+    if days >= (end_date - dt.date.min).days:
+        raise ValueError(
+            f"--days {days} reaches before the first day of the calendar from --end-date "
+            f"{end_date}; lower --days, e.g. --days {defaults.days}"
+        )
     return SeedSpec(
         orgs=orgs,
         instances=instances,

@@ -43,6 +43,50 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class DatabaseUrlInvalid(DatabaseUnavailable):
+    """A database URL setting that is not a PostgreSQL URL; the message names the
+    setting and the fix (never the password)."""
+
+
+_URL_EXAMPLE = "postgresql://user@host:5432/database"
+
+
+def _url_port(url: str) -> str | None:
+    """The port as written in `url` (None when absent), read without the password."""
+    match = re.match(r"^[^:/]+://([^/?#]*)", url)
+    host_port = match.group(1).rpartition("@")[2] if match else ""
+    if host_port.endswith("]") or ":" not in host_port:
+        return None
+    return host_port.rpartition(":")[2]
+
+
+def check_url(url: str, setting: str) -> str:
+    """`url` (normalized) if it is a usable PostgreSQL URL, else DatabaseUrlInvalid
+    naming `setting` (DATABASE_URL, BILLING_DATABASE_URL) and the fix."""
+    fix = f"set {setting} to {_URL_EXAMPLE} or unset it to use the embedded server"
+    scheme = re.match(r"^([A-Za-z][\w+.-]*)://", url)
+    if not scheme:
+        raise DatabaseUrlInvalid(f"{setting} is not a database URL; {fix}")
+    dialect = scheme.group(1).split("+")[0].lower()
+    if dialect != "postgresql":
+        raise DatabaseUrlInvalid(
+            f"{setting} is a {dialect}:// URL but tally needs PostgreSQL; {fix}"
+        )
+    port = _url_port(url)
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise DatabaseUrlInvalid(
+            f"{setting} has port {port!r}, which is not a port number 1-65535; "
+            f"fix it (e.g. {_URL_EXAMPLE}) or unset {setting} to use the embedded server"
+        )
+    try:
+        make_url(url)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy raises several kinds
+        raise DatabaseUrlInvalid(
+            f"{setting} cannot be parsed ({type(error).__name__}); {fix}"
+        ) from None
+    return url
+
+
 def redact(url: str) -> str:
     """The URL with its password hidden, for messages and logs."""
     try:
@@ -112,17 +156,29 @@ def embedded_database_url() -> str:
 def control_plane_url(database_url: str = "") -> str:
     """The control-plane URL: `database_url` when given, else `DATABASE_URL`, else
     the embedded server."""
-    url = database_url or os.environ.get("DATABASE_URL")
-    return normalize_url(url) if url else embedded_database_url()
+    if database_url:
+        return check_url(normalize_url(database_url), "the database_url setting")
+    url = os.environ.get("DATABASE_URL")
+    return check_url(normalize_url(url), "DATABASE_URL") if url else embedded_database_url()
 
 
 def billing_url(database_url: str = "", billing_database_url: str = "") -> str:
     """The billing URL: `billing_database_url`, else `database_url` when given; else
     `BILLING_DATABASE_URL`, else the control plane's (`DATABASE_URL`, embedded)."""
-    if billing_database_url or database_url:
-        return normalize_url(billing_database_url or database_url)
+    if billing_database_url:
+        return check_url(normalize_url(billing_database_url), "the billing_database_url setting")
+    if database_url:
+        return check_url(normalize_url(database_url), "the database_url setting")
     url = os.environ.get("BILLING_DATABASE_URL")
-    return normalize_url(url) if url else control_plane_url()
+    return check_url(normalize_url(url), "BILLING_DATABASE_URL") if url else control_plane_url()
+
+
+def check_database_urls() -> None:
+    """DATABASE_URL and BILLING_DATABASE_URL, when set, are PostgreSQL URLs (else
+    DatabaseUrlInvalid naming the variable); nothing is connected or started."""
+    for setting in ("DATABASE_URL", "BILLING_DATABASE_URL"):
+        if url := os.environ.get(setting):
+            check_url(normalize_url(url), setting)
 
 
 @cache
