@@ -119,7 +119,9 @@ def _check_databases(*, migrate: bool = False) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     days = _days(args.start_date, args.end_date)
-    _check_databases()
+    # A brand-new billing database is migrated before the first day runs, so a day
+    # that fails reports its own failure, never a missing billing table.
+    _check_databases(migrate=True)
     mode = "report only (nothing sent)" if args.report_only else "push enabled"
     print(f"tally run: {len(days)} day(s) {days[0]} .. {days[-1]}, {mode}", flush=True)
     failures = run_days(
