@@ -9,7 +9,10 @@
   kind (a gauge: re-reconciling a day can lower it).
 - tally_usage_push_pending: ledger rows still `pending` (sent, answer unknown).
 - tally_provider_errors_total{provider}: failed provider requests, summed over the
-  `<provider>_errors` metadata of every usage_push materialization.
+  `<provider>_errors` metadata of every usage_push materialization and of every
+  failed usage_push step (the metadata of its `Failure`, read from the STEP_FAILURE
+  event of each failed or cancelled run), so an outage counts. Dagster keeps one
+  STEP_FAILURE per step and run (its last attempt): a failed run is counted once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -56,6 +59,8 @@ class TallyCollector(Collector):
         self.clock = clock
         self._errors: dict[str, int] = {provider: 0 for provider in Provider}
         self._errors_cursor: str | None = None
+        # One cursor per run-ending event type whose runs may hold a failed push.
+        self._failed_runs_cursors: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
@@ -101,20 +106,13 @@ class TallyCollector(Collector):
                     ascending=True,
                 )
                 for record in page.records:
-                    metadata = (
-                        record.asset_materialization.metadata
-                        if (record.asset_materialization)
-                        else {}
-                    )
-                    for provider in Provider:
-                        value = metadata.get(provider_error_metric_key(provider))
-                        if value is not None:
-                            raw: Any = getattr(value, "value", value)
-                            self._errors[provider] += int(raw or 0)
+                    materialization = record.asset_materialization
+                    self._add_metadata(materialization.metadata if materialization else {})
                 if page.records:
                     self._errors_cursor = page.cursor
                 if not page.has_more:
                     break
+            self._add_failed_push_errors()
             errors = dict(self._errors)
         family = CounterMetricFamily(
             "tally_provider_errors",
@@ -124,6 +122,46 @@ class TallyCollector(Collector):
         for name, count in errors.items():
             family.add_metric([name], count)
         yield family
+
+    def _add_metadata(self, metadata: Mapping[str, Any]) -> None:
+        for provider in Provider:
+            value = metadata.get(provider_error_metric_key(provider))
+            if value is not None:
+                raw: Any = getattr(value, "value", value)
+                self._errors[provider] += int(raw or 0)
+
+    def _add_failed_push_errors(self) -> None:
+        """Errors of usage_push steps that failed, from runs that ended (failed or
+        cancelled) since the last scrape: each run is read once, its step once."""
+        from dagster import DagsterEventType
+
+        for ended in (DagsterEventType.RUN_FAILURE, DagsterEventType.RUN_CANCELED):
+            while True:
+                page = self.instance.fetch_run_status_changes(
+                    ended,
+                    limit=_PAGE,
+                    cursor=self._failed_runs_cursors.get(ended.value),
+                    ascending=True,
+                )
+                for record in page.records:
+                    self._add_failed_steps(record.event_log_entry.run_id)
+                if page.records:
+                    self._failed_runs_cursors[ended.value] = page.cursor
+                if not page.has_more:
+                    break
+
+    def _add_failed_steps(self, run_id: str) -> None:
+        from dagster import DagsterEventType
+
+        failures = self.instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.STEP_FAILURE
+        ).records
+        for record in failures:
+            event = record.event_log_entry.dagster_event
+            if event is None or event.step_key != USAGE_PUSH_ASSET:
+                continue
+            user_failure = getattr(event.event_specific_data, "user_failure_data", None)
+            self._add_metadata(getattr(user_failure, "metadata", None) or {})
 
     # -- billing database --------------------------------------------------------
 
