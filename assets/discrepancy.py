@@ -310,3 +310,92 @@ def discrepancy_row(
         "explained": explained,
         "detail": detail,
     }
+
+
+# -- counted once: which rows move money (the kind's rule, refined by the day) -------
+
+
+class MoneyEffect(StrEnum):
+    """What a discrepancy does to the customer's bill, from the sign convention above:
+    money-moving rows with a negative impact are revenue leakage (charged too little),
+    positive ones over-charges; every other row is informational (its dollars are
+    potential, not money that moved)."""
+
+    LEAKAGE = "leakage"
+    OVER_CHARGE = "over_charge"
+    INFORMATIONAL = "informational"
+
+
+def money_effect(money_moving: Any, dollar_impact: Any, delta_seconds: Any = 0) -> MoneyEffect:
+    """The effect of one stored row (its `money_moving` flag and signed impact)."""
+    if not bool(money_moving):
+        return MoneyEffect.INFORMATIONAL
+    sign = dollar_impact if not missing(dollar_impact) else delta_seconds
+    return MoneyEffect.OVER_CHARGE if sign is not None and sign > 0 else MoneyEffect.LEAKAGE
+
+
+def never_charged(plan: str | None, customer: str | None, pricing: Pricing) -> str | None:
+    """Why unpushed usage of this org would never be charged, or None when it would:
+    its plan bills no usage (free tier: overage is not billed) and the org has no
+    provider customer to charge."""
+    known = pricing.plans.get(plan or "")
+    if known is None or known.overage_billable or customer is not None:
+        return None
+    return (
+        f"not money-moving: plan {known.name!r} bills no usage and the org has no "
+        "provider customer id, so this usage would never be charged"
+    )
+
+
+def settle_money_moving(
+    frame: pd.DataFrame, orgs: dict[str, OrgFacts], pricing: Pricing
+) -> pd.DataFrame:
+    """Refine the kinds' money-moving flag with what the day shows, so a second of
+    wrong charge is in one money-moving total only:
+
+    - cap_exceeded: the provider's excess over the daily limit is made of seconds the
+      org-day's provider_over rows already count whenever billable stayed within the
+      limit (metering's blocking check). Covered entirely → informational; partly →
+      the row keeps only the uncovered seconds (and their pro-rata dollars).
+    - unpushed usage that would never be charged (`never_charged`) → informational.
+    """
+    if frame.empty:
+        return frame
+    frame = frame.copy()
+    over = frame[frame["kind"] == DiscrepancyKind.PROVIDER_OVER]
+    over_by_org = {
+        str(org): int(sum(int(value) for value in group["delta_seconds"]))
+        for (org, _day), group in over.groupby(["org_id", "usage_date"])
+    }
+    for index, row in frame.iterrows():
+        kind, org_id = row["kind"], str(row["org_id"])
+        if kind == DiscrepancyKind.CAP_EXCEEDED and row["money_moving"]:
+            covered = over_by_org.get(org_id, 0)
+            excess = int(row["delta_seconds"])
+            if covered <= 0:
+                continue
+            if covered >= excess:
+                frame.at[index, "money_moving"] = False
+                frame.at[index, "detail"] = (
+                    f"{row['detail']}; not money-moving: the same seconds are counted as "
+                    f"provider_over ({covered} s) and credited there"
+                )
+                continue
+            left = excess - covered
+            dollars = row["dollar_impact"]
+            frame.at[index, "delta_seconds"] = left
+            if not missing(dollars):
+                frame.at[index, "dollar_impact"] = to_cents(
+                    Decimal(dollars) * Decimal(left) / Decimal(excess)
+                )
+            frame.at[index, "detail"] = (
+                f"{row['detail']}; {covered} s of it counted as provider_over, the other "
+                f"{left} s here"
+            )
+        elif kind == DiscrepancyKind.UNPUSHED and row["money_moving"]:
+            org = orgs.get(org_id)
+            reason = never_charged(org.plan, org.customer, pricing) if org else None
+            if reason is not None:
+                frame.at[index, "money_moving"] = False
+                frame.at[index, "detail"] = f"{row['detail']}; {reason}"
+    return frame

@@ -40,7 +40,6 @@ from assets.discrepancy import (
     DISCREPANCY_COLUMNS,
     INT_COLUMNS,
     KINDS,
-    MONEY_MOVING,
     AtTarget,
     DiscrepancyKind,
     OrgFacts,
@@ -55,6 +54,7 @@ from assets.discrepancy import (
     list_dollars,
     missing,
     org_facts,
+    settle_money_moving,
     tier_numbers,
     with_columns,
 )
@@ -462,6 +462,8 @@ def compute_discrepancies(
     rows += plan_discrepancies(inputs, pricing, rules)
     rows += instance_discrepancies(inputs, pricing, rules)
     frame = pd.DataFrame(rows, columns=DISCREPANCY_COLUMNS, dtype=object)
+    # Counted once: the day refines the kinds' money-moving flag (assets/discrepancy.py).
+    frame = settle_money_moving(frame, org_facts(inputs, rules), pricing)
     frame = _apply_explanations(frame, inputs.get("explanations"))
     order = {kind: position for position, kind in enumerate(KINDS)}
     if not frame.empty:
@@ -555,7 +557,10 @@ def discrepancy_checks(
             metadata={
                 "unexplained": len(unexplained),
                 "money_moving_kinds": ", ".join(sorted(set(money["kind"]))) or "none",
-                "other_kinds": ", ".join(sorted(set(unexplained["kind"]) - MONEY_MOVING)) or "none",
+                "other_kinds": ", ".join(
+                    sorted(set(unexplained[~unexplained["money_moving"].astype(bool)]["kind"]))
+                )
+                or "none",
             },
         ),
         AssetCheckResult(

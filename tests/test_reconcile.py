@@ -184,7 +184,13 @@ def test_every_kind_is_found_with_its_seconds_dollars_and_credit(
         ("zombie_instance", "org-zombie", "small", "i-zombie"),
         ("unpushed", "org-nocust", "small", None),
     }
-    assert all(row["money_moving"] == (row["kind"] in MONEY_MOVING) for row in rows)
+    # The kinds decide, except that org-cap's excess over its cap is the provider_over
+    # seconds counted already (counted once, issue 12).
+    assert all(
+        row["money_moving"] == (row["kind"] in MONEY_MOVING and row["kind"] != "cap_exceeded")
+        for row in rows
+    )
+    assert "counted as provider_over (1800 s)" in by_kind(rows, "cap_exceeded", "org-cap")["detail"]
     assert not any(row["explained"] for row in rows)
 
     over = by_kind(rows, "provider_over", "org-over")
