@@ -436,8 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as error:  # noqa: BLE001 - last line of defence: no tracebacks
         from resources.db import DatabaseUnavailable
+        from resources.settings import SettingInvalid
 
-        if isinstance(error, DatabaseUnavailable):
+        if isinstance(error, DatabaseUnavailable | SettingInvalid):
             print(f"tally: error: {error}", file=sys.stderr)
             return EXIT_USAGE
         print(f"tally: unexpected {type(error).__name__}: {error}", file=sys.stderr)

@@ -7,6 +7,8 @@ import os
 
 from dagster import DailyPartitionsDefinition
 
+from resources.settings import SettingInvalid
+
 
 def default_first_day(today: dt.date) -> dt.date:
     """The first of the month two months before `today`: Stripe's 35-day window and
@@ -26,7 +28,7 @@ def first_partition_day(today: dt.date | None = None) -> dt.date:
         try:
             return dt.date.fromisoformat(configured)
         except ValueError:
-            raise ValueError(
+            raise SettingInvalid(
                 f"TALLY_FIRST_DAY={configured!r} is not a date; set it as YYYY-MM-DD"
             ) from None
     return default_first_day(today or dt.datetime.now(dt.UTC).date())

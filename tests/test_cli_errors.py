@@ -167,3 +167,12 @@ def test_ui_refuses_a_bad_billing_url_before_starting(dagster_home):
         pytest.fail("`tally ui` started despite a mysql:// BILLING_DATABASE_URL")
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     one_clear_line(result, "BILLING_DATABASE_URL", "mysql")
+
+
+@pytest.mark.parametrize("value", ["2025-13-01", "yesterday"])
+@pytest.mark.parametrize(
+    "command", [("run", "--start-date", "2025-11-01", "--end-date", "2025-11-01"), ("org", "org-x")]
+)
+def test_malformed_first_day_setting(dagster_home, database_url, value, command):
+    line = one_clear_line(tally(*command, env={"TALLY_FIRST_DAY": value}), "TALLY_FIRST_DAY")
+    assert "YYYY-MM-DD" in line and value in line
