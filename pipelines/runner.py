@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str], None]) -> int:
     """Materialize `daily_billing` for each day in order, recorded in the Dagster
     instance (visible in the UI). Returns the number of failed days."""
+    from pipelines.day_lock import day_run_lock
     from pipelines.definitions import defs
     from pipelines.local import open_local_instance
     from pipelines.summary import day_summary_line
@@ -20,17 +21,26 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
     with open_local_instance() as instance:
         for position, day in enumerate(days, start=1):
             started = time.monotonic()
-            result = job.execute_in_process(
-                partition_key=day.isoformat(),
-                instance=instance,
-                run_config={
-                    "resources": {"run_mode": {"config": {"report_only": report_only}}},
-                    # Progress is one line per day here; the full event log is in the UI.
-                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-                },
-                raise_on_error=False,
-                tags={"tally/source": "cli"},
-            )
+            with day_run_lock(day) as held:
+                if not held:
+                    failures += 1
+                    echo(
+                        f"[{position}/{len(days)}] {day}  BUSY   another tally run of this day "
+                        "is in progress; nothing done for it here: run it again when that "
+                        "one ends"
+                    )
+                    continue
+                result = job.execute_in_process(
+                    partition_key=day.isoformat(),
+                    instance=instance,
+                    run_config={
+                        "resources": {"run_mode": {"config": {"report_only": report_only}}},
+                        # Progress is one line per day here; the full event log is in the UI.
+                        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+                    },
+                    raise_on_error=False,
+                    tags={"tally/source": "cli"},
+                )
             elapsed = time.monotonic() - started
             status = "ok" if result.success else "FAILED"
             echo(

@@ -128,7 +128,12 @@ def test_two_concurrent_runs_send_once(engine, providers_env, dagster_home):
     faults(providers_env, latency_ms=30)
     first, second = tally_run(DAY), tally_run(DAY)
     outputs = [process.communicate(timeout=300) for process in (first, second)]
-    assert first.returncode == 0 and second.returncode == 0, outputs
+    # Each run either ran the day or, while the other held it, refused it with BUSY
+    # (tests/test_day_run_lock.py); at least one ran it, and nothing went out twice.
+    ran = [process.returncode == 0 for process in (first, second)]
+    assert any(ran), outputs
+    for process, (out, _) in zip((first, second), outputs, strict=True):
+        assert process.returncode == 0 or "BUSY" in out, outputs
     assert sandbox_usage(providers_env) == expected_usage(engine)
     assert len(ledger(engine)) == len(expected_usage(engine))
 

@@ -1,0 +1,1 @@
+SELECT pg_advisory_unlock(hashtext('tally_run'), hashtext(%(usage_date)s))

@@ -1,0 +1,80 @@
+"""One CLI run of a usage day at a time (issue 9, item 9): a second `tally run` of a
+day already running refuses that day with one clear line (exit 1), sends nothing for
+it, and still runs its other days; the money stays exact. Real processes, the real
+PostgreSQL advisory lock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import time
+
+import sqlalchemy as sa
+from builders import add_heartbeats, add_instance, add_org, at, every_minute
+from test_push import DAY, sandbox_usage
+from test_push_faults import ROOT, expected_usage, faults, ledger
+
+EARLY = DAY - dt.timedelta(days=1)
+
+# The lock `tally run` takes per day (sql/db/day_run_try_lock.sql), as pg_locks shows it.
+HELD = sa.text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND classid::bigint = (hashtext('tally_run')::bigint & 4294967295) "
+    "AND objid::bigint = (hashtext(:day)::bigint & 4294967295)"
+)
+
+
+def day_lock_held(engine, day: dt.date) -> bool:
+    with engine.connect() as connection:
+        return bool(connection.execute(HELD, {"day": day.isoformat()}).scalar())
+
+
+def tally_run(start: dt.date, end: dt.date) -> subprocess.Popen:
+    command = ["run", "--start-date", start.isoformat(), "--end-date", end.isoformat()]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *command],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_second_run_of_a_running_day_refuses_it_and_runs_its_other_days(
+    engine, providers_env, dagster_home
+):
+    for number in range(20):
+        org = f"org-{number:03d}"
+        add_org(engine, org, provider="stripe", customer=f"cus_EARLY{number:03d}")
+        add_instance(engine, f"i-{number:03d}", org, "small")
+        add_heartbeats(engine, every_minute(f"i-{number:03d}", at(EARLY, 2), 10 + number))
+    add_org(engine, "org-late", provider="stripe", customer="cus_LATEDAY")
+    add_instance(engine, "i-late", "org-late", "small")
+    add_heartbeats(engine, every_minute("i-late", at(DAY, 3), 45))
+    faults(providers_env, latency_ms=1000)  # the first run is slow at the provider
+
+    first = tally_run(EARLY, EARLY)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if day_lock_held(engine, EARLY):
+            break
+    assert first.poll() is None and day_lock_held(engine, EARLY), "the first run never held it"
+
+    second = tally_run(EARLY, DAY)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 1, (out, err)
+    busy = [line for line in out.splitlines() if "BUSY" in line]
+    assert len(busy) == 1 and str(EARLY) in busy[0], out
+    assert "another tally run of this day is in progress" in busy[0]
+    assert "Traceback" not in out + err
+    # Its other day ran in full beside the first run.
+    assert any(str(DAY) in line and " ok " in line for line in out.splitlines()), out
+    assert sandbox_usage(providers_env, DAY) == {("stripe", "cus_LATEDAY", "small"): 2700}
+
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, (out, err)
+    assert not day_lock_held(engine, EARLY)  # released when the run ended
+    assert sandbox_usage(providers_env, EARLY) == expected_usage(engine, EARLY)
+    assert len(expected_usage(engine, EARLY)) == 20
+    assert [row[4] for row in ledger(engine, EARLY)] == ["sent"] * 20
