@@ -61,6 +61,7 @@ from assets.discrepancy import (
 from assets.finance import reconciliation_metadata
 from assets.instance_anomalies import instance_discrepancies
 from assets.pricing import Pricing
+from pipelines.freshness import record_reconciliation
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.calendar import days_in_month, past_stripe_window
@@ -572,6 +573,14 @@ def discrepancy_checks(
     ]
 
 
+def _run_started_at(context: AssetExecutionContext, fallback: dt.datetime) -> dt.datetime:
+    """When the run began (its duration is the reconciliation's duration metric)."""
+    record = context.instance.get_run_record_by_id(context.run_id)
+    if record is None or record.start_time is None:
+        return fallback
+    return dt.datetime.fromtimestamp(record.start_time, dt.UTC)
+
+
 @asset(
     partitions_def=daily_partitions,
     group_name="reconcile",
@@ -627,6 +636,12 @@ def reconciliation(
     else:
         with raw_connection(postgres.billing_engine()) as connection:
             write_discrepancies(connection, usage_date, discrepancies)
+            # Same transaction: the billing database's own record that this day is
+            # reconciled (freshness and `tally status` read it).
+            with connection.cursor() as cursor:
+                record_reconciliation(
+                    cursor, usage_date, context.run_id, _run_started_at(context, now), now
+                )
 
     credits = credit_candidates(discrepancies, inputs.get("credits"), pricing)
     counters_fresh = counters_check(counters, inputs.get("billed"), latest_counter, now, rules)

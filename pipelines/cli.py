@@ -242,11 +242,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from pipelines.freshness import read_freshness
     from pipelines.local import local_dagster_home, open_local_instance
+    from pipelines.status import deployment_facts
+    from resources.db import DatabaseUnavailable, billing_engine
 
     _check_urls()
     home = local_dagster_home()
+    try:
+        # Freshness is the billing database's own record, never the local Dagster home.
+        freshness, facts = read_freshness(
+            billing_engine(apply_migrations=False), dt.datetime.now(dt.UTC)
+        )
+    except DatabaseUnavailable as error:
+        raise UsageError(str(error)) from None
     with open_local_instance() as instance:
-        freshness, facts = read_freshness(instance, dt.datetime.now(dt.UTC))
+        deployment = deployment_facts(instance)
     alert, problem = _last_alert()
     code = EXIT_FAILED if freshness.stale else EXIT_OK
     if args.json:
@@ -257,6 +266,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_alert": alert,
             "last_alert_error": problem,
             "dagster_home": str(home),
+            **deployment.as_json(),
         }
         print(json.dumps(document, indent=2, default=str))
         return code
@@ -275,6 +285,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for reason in freshness.reasons:
         print(f"  stale:         {reason}")
     print(f"  last alert:    {_alert_line(alert, problem)}")
+    print(f"  last failure:  {deployment.failure_line()}")
+    print(f"  schedule:      {deployment.schedule_line()}")
     return code
 
 

@@ -1,13 +1,14 @@
 """Freshness of the reconciliation (DESIGN §9) and the alert state machine.
 
 The reconciliation is fresh when both hold:
-- it succeeded (a materialization of asset `reconciliation`) within the last 24 h;
+- a real (not report-only) reconciliation succeeded within the last 24 h;
 - the latest usage day whose deadline has passed is reconciled: day D is due at
   06:00 UTC on D + 1 ("yesterday's partition by 06:00").
 
 The pure part (`evaluate_freshness`, `next_alert_step`) has no Dagster and no I/O.
-The thin readers at the bottom take the facts from the Dagster instance and the
-alert history from `billing.freshness_alerts`.
+The thin readers at the bottom take the facts from the billing database itself —
+`billing.reconciliations`, written by each real reconciliation in its own
+transaction — and the alert history from `billing.freshness_alerts`.
 """
 
 from __future__ import annotations
@@ -132,6 +133,19 @@ def evaluate_freshness(
     )
 
 
+def unreadable_freshness(now: dt.datetime, problem: str) -> Freshness:
+    """Stale because the billing database's record cannot be read (`problem`)."""
+    now = _utc(now, "now")
+    return Freshness(
+        stale=True,
+        reasons=[f"the billing database cannot be read ({problem})"],
+        last_success_at=None,
+        newest_day=None,
+        due_day=due_day(now),
+        checked_at=now,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Alert state machine (kept in the sensor cursor)
 # ---------------------------------------------------------------------------
@@ -248,7 +262,7 @@ def webhook_payload(freshness: Freshness) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# I/O: the Dagster instance and billing.freshness_alerts
+# I/O: billing.reconciliations and billing.freshness_alerts
 # ---------------------------------------------------------------------------
 
 
@@ -260,57 +274,54 @@ class LastReconciliation:
     reconciled_days: frozenset[dt.date]
 
 
-def _parse_day(key: str | None) -> dt.date | None:
-    try:
-        return dt.date.fromisoformat(key) if key else None
-    except ValueError:
-        return None
+def record_reconciliation(
+    cursor,
+    usage_date: dt.date,
+    run_id: str,
+    run_started_at: dt.datetime,
+    reconciled_at: dt.datetime,
+) -> None:
+    """Write the day's real reconciliation into `billing.reconciliations`; call it in
+    the transaction that writes the day's discrepancies, so one never lands alone."""
+    from resources.db import load_sql
+
+    cursor.execute(
+        load_sql("freshness/record_reconciliation.sql"),
+        {
+            "usage_date": usage_date,
+            "run_id": run_id,
+            "run_started_at": _utc(run_started_at, "run_started_at"),
+            "reconciled_at": _utc(reconciled_at, "reconciled_at"),
+        },
+    )
 
 
-def _is_report_only(materialization) -> bool:
-    value = materialization.metadata.get("report_only")
-    return bool(getattr(value, "value", value))
+def last_reconciliation(engine) -> LastReconciliation:
+    """Facts from the billing database's own record of real reconciliations
+    (`billing.reconciliations`): a database never reconciled — or never migrated —
+    has none, whatever any Dagster home holds. Report-only runs never write there."""
+    from resources.db import load_sql, raw_connection
 
-
-def last_reconciliation(instance) -> LastReconciliation:
-    """Facts about the `reconciliation` asset from a Dagster instance. Report-only
-    runs never count: they read no provider and replace nothing."""
-    from dagster import AssetKey
-
-    key = AssetKey(RECONCILIATION_ASSET)
-    latest = None
-    days: set[dt.date] = set()
-    cursor = None
-    while True:
-        page = instance.fetch_materializations(key, limit=500, cursor=cursor, ascending=False)
-        for record in page.records:
-            materialization = record.asset_materialization
-            if materialization is None or _is_report_only(materialization):
-                continue
-            latest = latest or record
-            day = _parse_day(materialization.partition)
-            if day:
-                days.add(day)
-        cursor = page.cursor
-        if not page.has_more:
-            break
+    with raw_connection(engine) as connection, connection.cursor() as cursor:
+        cursor.execute(load_sql("freshness/reconciliations_table_exists.sql"))
+        row = cursor.fetchone()
+        if not (row and row[0]):
+            return LastReconciliation(None, None, None, frozenset())
+        cursor.execute(load_sql("freshness/reconciled_days.sql"))
+        days = frozenset(day for (day,) in cursor.fetchall())
+        cursor.execute(load_sql("freshness/last_reconciliation.sql"))
+        latest = cursor.fetchone()
     if latest is None:
-        return LastReconciliation(None, None, None, frozenset(days))
-    success_at = dt.datetime.fromtimestamp(latest.timestamp, dt.UTC)
-    duration = None
-    if latest.run_id:
-        try:
-            stats = instance.get_run_stats(latest.run_id)
-        except Exception:  # noqa: BLE001 - a run deleted from storage has no stats
-            stats = None
-        if stats is not None and stats.start_time:
-            end = stats.end_time or latest.timestamp
-            duration = max(0.0, end - stats.start_time)
-    return LastReconciliation(success_at, latest.run_id or None, duration, frozenset(days))
+        return LastReconciliation(None, None, None, days)
+    reconciled_at, run_id, duration = latest
+    return LastReconciliation(
+        reconciled_at.astimezone(dt.UTC), run_id, max(0.0, float(duration)), days
+    )
 
 
-def read_freshness(instance, now: dt.datetime) -> tuple[Freshness, LastReconciliation]:
-    facts = last_reconciliation(instance)
+def read_freshness(engine, now: dt.datetime) -> tuple[Freshness, LastReconciliation]:
+    """Freshness of the billing database behind `engine` at `now`."""
+    facts = last_reconciliation(engine)
     return evaluate_freshness(facts.success_at, facts.reconciled_days, now), facts
 
 

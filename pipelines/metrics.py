@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipelines.freshness import evaluate_freshness, last_reconciliation
+from pipelines.freshness import LastReconciliation, evaluate_freshness, last_reconciliation
 from resources.db import load_sql, raw_connection
 from resources.providers.base import Provider, provider_error_metric_key
 
@@ -68,10 +68,10 @@ class TallyCollector(Collector):
         yield from self._provider_errors()
         yield from self._billing_database()
 
-    # -- Dagster instance ------------------------------------------------------
+    # -- reconciliation (billing database) and provider errors (Dagster) ---------
 
     def _reconciliation(self) -> Iterator[Metric]:
-        facts = last_reconciliation(self.instance)
+        facts = self._last_reconciliation()
         freshness = evaluate_freshness(facts.success_at, facts.reconciled_days, self.clock())
         last = GaugeMetricFamily(
             "billing_reconciliation_last_success_timestamp",
@@ -93,6 +93,19 @@ class TallyCollector(Collector):
         )
         stale.add_metric([], 1.0 if freshness.stale else 0.0)
         yield stale
+
+    def _last_reconciliation(self) -> LastReconciliation:
+        """From the billing database's own record; unreadable: as never reconciled."""
+        try:
+            engine = self.billing_engine() if self.billing_engine else None
+            if engine is not None:
+                return last_reconciliation(engine)
+        except Exception as error:  # noqa: BLE001 - a scrape must still answer
+            log.error(
+                "billing.reconciliations unavailable: %s",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
+        return LastReconciliation(None, None, None, frozenset())
 
     def _provider_errors(self) -> Iterator[Metric]:
         from dagster import AssetKey

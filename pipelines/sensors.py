@@ -35,6 +35,7 @@ from pipelines.freshness import (
     read_freshness,
     record_alert,
     supersede_alert,
+    unreadable_freshness,
     webhook_payload,
 )
 from resources.db import PostgresResource, raw_connection
@@ -82,7 +83,6 @@ def alert_channels(
 
 
 def check_and_alert(
-    instance,
     *,
     smtp: SmtpResource,
     webhook: WebhookResource,
@@ -94,7 +94,7 @@ def check_and_alert(
     """One sensor tick: evaluate freshness, send the owed alert if any, record it.
 
     Returns the new cursor and a one-line summary of what happened."""
-    freshness, _ = read_freshness(instance, now)
+    freshness = _billing_freshness(postgres, now, log)
     connection_source = _BillingConnection(postgres, log)
     cursor = AlertCursor.load(cursor_text)
     if cursor is None:
@@ -161,6 +161,17 @@ def check_and_alert(
     return new_cursor, summary
 
 
+def _billing_freshness(postgres: PostgresResource, now: dt.datetime, log) -> Freshness:
+    """Freshness from the billing database; when it cannot be read, stale with why."""
+    try:
+        freshness, _ = read_freshness(postgres.billing_engine(), now)
+        return freshness
+    except Exception as error:  # noqa: BLE001 - an unreadable billing database pages
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.error(f"billing.reconciliations not readable: {problem}")
+        return unreadable_freshness(now, problem)
+
+
 class _BillingConnection:
     """Runs a function on a billing-database connection; the alert still goes out
     (and the cursor still moves) when the database is down — only the record is lost."""
@@ -205,7 +216,6 @@ def freshness_sensor(
         postgres: PostgresResource,
     ) -> SkipReason:
         cursor, summary = check_and_alert(
-            context.instance,
             smtp=smtp,
             webhook=webhook,
             postgres=postgres,

@@ -137,28 +137,68 @@ def add_billed(engine: sa.Engine, rows: Iterable[tuple]) -> None:
         )
 
 
-def add_counter(engine: sa.Engine, org_id: str, day: dt.date, tier: str, seconds: int, *,
-                updated_at: dt.datetime | None = None) -> None:
+def add_counter(
+    engine: sa.Engine,
+    org_id: str,
+    day: dt.date,
+    tier: str,
+    seconds: int,
+    *,
+    updated_at: dt.datetime | None = None,
+) -> None:
     """A control-plane usage counter (usage_counters) row."""
     with engine.begin() as connection:
         connection.execute(
-            sa.text("INSERT INTO usage_counters (org_id, usage_date, tier, runtime_seconds, "
-                    "updated_at) VALUES (:org, :day, :tier, :seconds, :updated)"),
-            {"org": org_id, "day": day, "tier": tier, "seconds": seconds,
-             "updated": updated_at or dt.datetime.now(UTC)},
+            sa.text(
+                "INSERT INTO usage_counters (org_id, usage_date, tier, runtime_seconds, "
+                "updated_at) VALUES (:org, :day, :tier, :seconds, :updated)"
+            ),
+            {
+                "org": org_id,
+                "day": day,
+                "tier": tier,
+                "seconds": seconds,
+                "updated": updated_at or dt.datetime.now(UTC),
+            },
         )
 
 
 def discrepancy_rows(engine: sa.Engine, day: dt.date) -> list[dict]:
     """billing.discrepancies of one day, as dicts."""
     with engine.connect() as connection:
-        return [dict(row._mapping) for row in connection.execute(
-            sa.text("SELECT * FROM billing.discrepancies WHERE usage_date = :d "
-                    "ORDER BY kind, org_id, tier NULLS FIRST, instance_id NULLS FIRST"),
-            {"d": day})]
+        return [
+            dict(row._mapping)
+            for row in connection.execute(
+                sa.text(
+                    "SELECT * FROM billing.discrepancies WHERE usage_date = :d "
+                    "ORDER BY kind, org_id, tier NULLS FIRST, instance_id NULLS FIRST"
+                ),
+                {"d": day},
+            )
+        ]
 
 
 def query_rows(engine: sa.Engine, sql: str, params: dict | None = None) -> list[tuple]:
     """The rows of one query, as tuples."""
     with engine.connect() as connection:
         return [tuple(row) for row in connection.execute(sa.text(sql), params or {})]
+
+
+def mark_reconciled(
+    engine: sa.Engine,
+    *days: dt.date,
+    at: dt.datetime | None = None,
+    run_seconds: float = 0.0,
+) -> dt.datetime:
+    """Record real reconciliations of `days` in billing.reconciliations, as the
+    reconciliation asset does (pipelines/freshness.py), by a run that began
+    `run_seconds` earlier; returns the time written."""
+    from pipelines.freshness import record_reconciliation
+    from resources.db import raw_connection
+
+    when = at or dt.datetime.now(dt.UTC)
+    began = when - dt.timedelta(seconds=run_seconds)
+    with raw_connection(engine) as connection, connection.cursor() as cursor:
+        for day in days:
+            record_reconciliation(cursor, day, f"test-{day.isoformat()}", began, when)
+    return when

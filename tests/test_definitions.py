@@ -16,7 +16,11 @@ ASSETS = {
     "credit_proposals": ("reconcile", ["reconciliation"]),
     "quota_usage": ("quota", ["billed_usage"]),
     "budget_alerts": ("quota", ["quota_usage"]),
+    # Unpartitioned: refreshed after every daily_billing and issue_credits run.
+    "finance_review": ("review", ["credit_proposals", "quota_usage", "reconciliation"]),
 }
+UNPARTITIONED = {"finance_review"}
+DAILY = {name: spec for name, spec in ASSETS.items() if name not in UNPARTITIONED}
 
 CHECKS = {
     # (asset, check): blocking
@@ -53,6 +57,9 @@ def test_every_asset_is_partitioned_by_utc_day() -> None:
     graph = _graph()
     for key in graph.get_all_asset_keys():
         partitions = graph.get(key).partitions_def
+        if key.to_user_string() in UNPARTITIONED:
+            assert partitions is None, key
+            continue
         assert isinstance(partitions, DailyPartitionsDefinition), key
         assert partitions.timezone == "UTC"
         assert partitions.end_offset == 1  # today can be metered on demand
@@ -69,10 +76,12 @@ def test_checks_and_their_blocking_flags() -> None:
 
 def test_daily_billing_selects_every_stage_but_credits_job() -> None:
     job = defs.resolve_job_def("daily_billing")
-    assert sorted(job.graph.node_dict) == sorted(ASSETS)
+    assert sorted(job.graph.node_dict) == sorted(DAILY)
     assert job.tags["dagster/max_runtime"] == "3600"
     credits = defs.resolve_job_def("issue_credits")
     assert sorted(credits.graph.node_dict) == ["apply_credits"]
+    review = defs.resolve_job_def("refresh_finance_review")
+    assert sorted(review.graph.node_dict) == sorted(UNPARTITIONED)
 
 
 def test_schedule_and_sensors() -> None:
@@ -84,14 +93,18 @@ def test_schedule_and_sensors() -> None:
     )
     assert schedule.default_status.value == "RUNNING"
     sensors = {sensor.name: sensor.default_status.value for sensor in defs.sensors}
-    assert sensors == {"reconciliation_freshness": "RUNNING", "deadmans_switch": "RUNNING"}
+    assert sensors == {
+        "reconciliation_freshness": "RUNNING",
+        "deadmans_switch": "RUNNING",
+        "finance_review_after_runs": "RUNNING",
+    }
 
 
 def test_every_asset_retries_with_the_shared_policy() -> None:
     from pipelines.retry import STEP_RETRY
 
     job = defs.resolve_job_def("daily_billing")
-    for name in ASSETS:
+    for name in DAILY:
         assert job.graph.node_dict[name].definition.retry_policy == STEP_RETRY, name
 
 

@@ -12,10 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import sqlalchemy as sa
+from builders import mark_reconciled
 from conftest import free_port
 from dagster import (
-    AssetKey,
-    AssetMaterialization,
     DagsterEventType,
     DagsterInstance,
     asset,
@@ -206,17 +205,6 @@ class Ticks:
         return data.skip_message or ""
 
 
-def reconcile(instance: DagsterInstance, *days: dt.date) -> dt.datetime:
-    """Record successful reconciliations of `days` (runless materializations — real
-    Dagster state) and return the time Dagster stamped on the last one."""
-    for day in days:
-        instance.report_runless_asset_event(
-            AssetMaterialization(asset_key="reconciliation", partition=day.isoformat())
-        )
-    event = instance.get_latest_materialization_event(AssetKey("reconciliation"))
-    return dt.datetime.fromtimestamp(event.timestamp, UTC)
-
-
 def alert_rows(engine: sa.Engine) -> list[dict]:
     with engine.connect() as connection:
         return [
@@ -261,7 +249,7 @@ def test_one_alert_when_stale_and_one_on_recovery(engine, instance, alert_env):
 
     # The reconciliation catches up: one recovery alert, then silence.
     yesterday = (ticks.clock.now + dt.timedelta(minutes=5)).date() - dt.timedelta(days=1)
-    succeeded = reconcile(instance, yesterday - dt.timedelta(days=1), yesterday)
+    succeeded = mark_reconciled(engine, yesterday - dt.timedelta(days=1), yesterday)
     assert "fresh alert sent via email, webhook" in ticks.tick()
     for _ in range(4):
         assert ticks.tick() == "fresh; nothing to send"
@@ -315,7 +303,7 @@ def test_recovery_before_delivery_supersedes_the_owed_alert(engine, instance, al
     ticks = Ticks(instance, Clock(dt.datetime.now(UTC)))
     assert "NOT delivered" in ticks.tick()
     # The due day is reconciled before the retry: fresh again, the stale alert is moot.
-    reconcile(instance, due_day(ticks.clock.now + dt.timedelta(minutes=5)))
+    mark_reconciled(engine, due_day(ticks.clock.now + dt.timedelta(minutes=5)))
     assert ticks.tick() == "fresh; nothing to send"
     assert ticks.tick() == "fresh; nothing to send"
     [row] = alert_rows(engine)
@@ -401,7 +389,7 @@ def test_the_sensor_in_definitions_is_wired(engine, instance, monkeypatch):
     assert sensor.default_status == DefaultSensorStatus.RUNNING
     assert 60 <= sensor.minimum_interval_seconds <= 900
     now = dt.datetime.now(UTC)
-    reconcile(instance, due_day(now), now.date() - dt.timedelta(days=1))
+    mark_reconciled(engine, due_day(now), now.date() - dt.timedelta(days=1))
     context = build_sensor_context(
         instance=instance, resources=repository.get_top_level_resources()
     )

@@ -66,12 +66,12 @@ def test_report_only_never_counts_as_a_reconciliation(engine, providers_env, dag
             resources=resources(report_only=True),
             instance=instance,
         )
-        facts = last_reconciliation(instance)
+        facts = last_reconciliation(engine)
         assert facts.success_at is None and DAY not in facts.reconciled_days
         materialize(
             PIPELINE, partition_key=DAY.isoformat(), resources=resources(), instance=instance
         )
-        real = last_reconciliation(instance)
+        real = last_reconciliation(engine)
         assert real.success_at is not None and DAY in real.reconciled_days
         materialize(
             PIPELINE,
@@ -79,6 +79,6 @@ def test_report_only_never_counts_as_a_reconciliation(engine, providers_env, dag
             resources=resources(report_only=True),
             instance=instance,
         )
-        after = last_reconciliation(instance)
+        after = last_reconciliation(engine)
         assert after.success_at == real.success_at and after.run_id == real.run_id
         assert after.reconciled_days == real.reconciled_days

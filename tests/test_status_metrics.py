@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from builders import mark_reconciled
 from conftest import free_port
-from dagster import AssetMaterialization, DagsterInstance, asset, materialize
+from dagster import AssetMaterialization, DagsterInstance
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.freshness import AlertCursor, due_day, evaluate_freshness, record_alert
@@ -43,7 +44,9 @@ def tally(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def reconcile(instance: DagsterInstance, *days: dt.date) -> None:
+def materialize_in_dagster_only(instance: DagsterInstance, *days: dt.date) -> None:
+    """Reconciliation materializations in a Dagster home, with nothing written to the
+    billing database: what a home that ran against another database holds."""
     for day in days:
         instance.report_runless_asset_event(
             AssetMaterialization(asset_key="reconciliation", partition=day.isoformat())
@@ -51,7 +54,7 @@ def reconcile(instance: DagsterInstance, *days: dt.date) -> None:
 
 
 def test_status_exit_codes_never_stale_fresh(engine, dagster_home):
-    with DagsterInstance.from_config(str(dagster_home)) as instance:
+    with DagsterInstance.from_config(str(dagster_home)):
         never = tally("status")
         assert never.returncode == 1, never.stderr
         assert never.stdout.startswith("reconciliation: NEVER RUN")
@@ -60,7 +63,7 @@ def test_status_exit_codes_never_stale_fresh(engine, dagster_home):
 
         # Reconciled, but only a day long past: stale, and the last alert is shown.
         now = dt.datetime.now(UTC)
-        reconcile(instance, now.date() - dt.timedelta(days=5))
+        mark_reconciled(engine, now.date() - dt.timedelta(days=5))
         stale = evaluate_freshness(None, set(), now)
         with raw_connection(engine) as connection:
             record_alert(
@@ -85,7 +88,7 @@ def test_status_exit_codes_never_stale_fresh(engine, dagster_home):
         assert "last alert:    STALE at " in text.stdout and "via email" in text.stdout
 
         # The due days reconciled just now: fresh, exit 0.
-        reconcile(instance, due_day(now), now.date() - dt.timedelta(days=1))
+        mark_reconciled(engine, due_day(now), now.date() - dt.timedelta(days=1))
         fresh = tally("status")
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
         assert fresh.stdout.startswith("reconciliation: FRESH")
@@ -94,11 +97,6 @@ def test_status_exit_codes_never_stale_fresh(engine, dagster_home):
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-@asset(name="reconciliation")
-def reconciliation_stand_in() -> None:
-    """Materializes asset key `reconciliation` in a real run (for the run duration)."""
 
 
 def push_errors(instance: DagsterInstance, day: str, stripe: int, polar: int) -> None:
@@ -153,9 +151,7 @@ def test_metrics_values_at_scrape_time(engine):
         assert ("billing_reconciliation_duration_seconds", ()) not in before
         assert before[("tally_usage_push_pending", ())] == 0.0
 
-        result = materialize([reconciliation_stand_in], instance=instance)
-        stats = instance.get_run_stats(result.run_id)
-        event = instance.get_latest_materialization_event(reconciliation_stand_in.key)
+        reconciled_at = mark_reconciled(engine, dt.date(2026, 11, 20), run_seconds=42.5)
         push_errors(instance, "2026-11-19", stripe=2, polar=0)
         push_errors(instance, "2026-11-20", stripe=3, polar=1)
         has_discrepancies = seed_billing(engine)
@@ -165,10 +161,10 @@ def test_metrics_values_at_scrape_time(engine):
             assert f"# TYPE {name} " in text or f"# TYPE {name.removesuffix('_total')} " in text
         found = samples(text)
         assert found[("billing_reconciliation_last_success_timestamp", ())] == pytest.approx(
-            event.timestamp, abs=1e-3
+            reconciled_at.timestamp(), abs=1e-3
         )
         assert found[("billing_reconciliation_duration_seconds", ())] == pytest.approx(
-            stats.end_time - stats.start_time, abs=1e-3
+            42.5, abs=1e-3
         )
         assert found[("tally_usage_push_pending", ())] == 2.0
         assert found[("tally_provider_errors_total", (("provider", "stripe"),))] == 5.0
@@ -203,8 +199,8 @@ def test_metrics_values_at_scrape_time(engine):
 
 
 def test_metrics_once_prints_the_exposition(engine, dagster_home):
+    mark_reconciled(engine, dt.date(2026, 11, 20))
     with DagsterInstance.from_config(str(dagster_home)) as instance:
-        reconcile(instance, dt.date(2026, 11, 20))
         push_errors(instance, "2026-11-20", stripe=1, polar=2)
     seed_billing(engine)
     result = tally("metrics", "--once")
@@ -215,3 +211,49 @@ def test_metrics_once_prints_the_exposition(engine, dagster_home):
     assert found[("billing_reconciliation_last_success_timestamp", ())] > 0
     assert found[("tally_usage_push_pending", ())] == 2.0
     assert found[("tally_provider_errors_total", (("provider", "polar"),))] == 2.0
+
+
+def test_status_reads_the_billing_database_not_the_local_dagster_home(engine, dagster_home):
+    """Issue 10 finding 7: a Dagster home full of reconciliations against another
+    database does not make a never-reconciled billing database fresh."""
+    now = dt.datetime.now(UTC)
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        materialize_in_dagster_only(instance, due_day(now), now.date() - dt.timedelta(days=1))
+    result = tally("status", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    assert document["never_run"] is True and document["stale"] is True
+    assert "the reconciliation has never succeeded" in document["reasons"]
+    # Once this billing database records its own reconciliation of the due day: fresh.
+    mark_reconciled(engine, due_day(now))
+    assert tally("status").returncode == 0
+
+
+def test_status_shows_the_last_failed_run_and_the_schedule(engine, dagster_home, providers_env):
+    from builders import add_heartbeats, add_instance, add_org, at, every_minute
+
+    day = dt.datetime.now(UTC).date() - dt.timedelta(days=1)
+    add_org(engine, "org-s", provider="stripe", customer="cus_STATUS1")
+    add_instance(engine, "i-s", "org-s", "small")
+    add_heartbeats(engine, every_minute("i-s", at(day, 1), 30))
+    providers_env.post("/_sandbox/faults", json={"error_rate": 1.0}).raise_for_status()
+    try:
+        failed = tally("run", "--start-date", day.isoformat(), "--end-date", day.isoformat())
+    finally:
+        providers_env.post("/_sandbox/faults", json={"error_rate": 0}).raise_for_status()
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    document = json.loads(tally("status", "--json").stdout)
+    last = document["last_failed_run"]
+    assert last is not None and last["day"] == day.isoformat()
+    assert last["step"] == "usage_push" and "stripe" in last["message"]
+    assert failed.stdout.count(last["run_id"][:8]) == 1  # the run the CLI printed
+    assert document["schedule"] == {
+        "name": "daily_billing_schedule",
+        "status": "running",
+        "source": "code default",
+        "daemon_heartbeat_at": None,
+        "daemon_alive": False,
+    }
+    text = tally("status").stdout
+    assert f"last failure:  run {last['run_id']} (day {day})" in text
+    assert "daily_billing_schedule RUNNING" in text and "no dagster-daemon" in text

@@ -1,0 +1,1 @@
+SELECT DISTINCT usage_date FROM billing.reconciliations

@@ -1,0 +1,1 @@
+SELECT to_regclass('billing.reconciliations') IS NOT NULL
