@@ -27,6 +27,7 @@ from resources.sandbox.testing import RunningSandbox, running_sandbox
 
 __all__ = [
     "SpecValidator",
+    "create_customers",
     "polar_client",
     "polar_spec",
     "reference_dir",
@@ -34,6 +35,8 @@ __all__ = [
     "sandbox_clean",
     "stripe_client",
     "stripe_spec",
+    "stripe_invoices_spec",
+    "polar_orders_spec",
 ]
 
 
@@ -88,6 +91,13 @@ class SpecValidator:
         self._validator(entry["content"]["application/json"]["schema"]).validate(instance)
 
 
+def create_customers(sandbox: RunningSandbox, provider: str, *customers: str) -> None:
+    """Create customers in the sandbox (POST /_sandbox/customers): Stripe counts meter
+    events only for customers that exist, as the real Stripe does."""
+    rows = [{"provider": provider, "customer": customer} for customer in customers]
+    sandbox.post("/_sandbox/customers", json=rows).raise_for_status()
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[RunningSandbox]:
     with running_sandbox() as running:
@@ -124,3 +134,15 @@ def stripe_spec() -> SpecValidator:
 @pytest.fixture(scope="session")
 def polar_spec() -> SpecValidator:
     return SpecValidator(reference_dir() / "polar-events-meters.json")
+
+
+@pytest.fixture(scope="session")
+def stripe_invoices_spec() -> SpecValidator:
+    """Invoices, customers and subscriptions (stripe-invoices-customers.json)."""
+    return SpecValidator(reference_dir() / "stripe-invoices-customers.json")
+
+
+@pytest.fixture(scope="session")
+def polar_orders_spec() -> SpecValidator:
+    """Orders, customers and subscriptions (polar-orders-customers.json)."""
+    return SpecValidator(reference_dir() / "polar-orders-customers.json")

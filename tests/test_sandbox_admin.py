@@ -15,6 +15,7 @@ import pytest
 import stripe
 from polar import PolarServerError
 from polar.base import PolarRateLimitError
+from sandbox_fixture import create_customers
 
 from resources.sandbox.app import create_app
 from resources.sandbox.testing import running_sandbox
@@ -70,6 +71,13 @@ def faults(sandbox, **config) -> dict:
     response = sandbox.post("/_sandbox/faults", json=config)
     response.raise_for_status()
     return response.json()
+
+
+@pytest.fixture(autouse=True)
+def _known_customers(request):
+    """Stripe counts meter events only for customers that exist: these tests' do."""
+    if {"sandbox_clean", "stripe_client"} & set(request.fixturenames):
+        create_customers(request.getfixturevalue("sandbox_clean"), "stripe", "cus_a")
 
 
 def test_injected_usage_is_visible_everywhere(sandbox_clean, stripe_client, polar_client):
@@ -286,6 +294,7 @@ def test_reset_clears_state_faults_and_clock(sandbox_clean, stripe_client):
         "error_rate": 0.0,
         "drop_after_store_rate": 0.0,
         "latency_ms": 0.0,
+        "processing_delay_s": 0.0,
         "stripe_rate_limit_per_s": None,
         "polar_rate_limit_per_s": None,
         "seed": None,

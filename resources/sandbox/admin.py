@@ -26,6 +26,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -33,12 +34,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .common import ApiError, as_int, json_response
+from .periods import Interval
 from .polar_api import TALLY_EVENT_NAME
+from .stripe_api import SUBSCRIPTION_STATUSES as STRIPE_STATUSES
 
 if TYPE_CHECKING:
     from .state import SandboxState
 
 PROVIDERS = ("stripe", "polar")
+POLAR_STATUSES = (
+    "active",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "past_due",
+    "trialing",
+    "unpaid",
+)
 
 
 def _bad(message: str) -> ApiError:
@@ -74,6 +86,7 @@ AdminHandler = Callable[[Request], Awaitable[tuple[int, Any]]]
 def _admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
+            _state(request).settle()  # answers as if the providers kept up with the clock
             status, payload = await handler(request)
         except ApiError as error:
             return json_response(error.status, error.payload)
@@ -85,9 +98,14 @@ def _admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
 @_admin
 async def usage(request: Request) -> tuple[int, Any]:
     day = _parse_date(request.query_params.get("date"), "date")
+    processed = request.query_params.get("processed", "false").lower()
+    if processed not in ("true", "false", "1", "0"):
+        raise _bad("processed: expected true or false")
     state = _state(request)
     with state.lock:
-        return 200, state.usage.for_date(day.strftime("%Y-%m-%d"))
+        state.settle()
+        index = state.processed_usage if processed in ("true", "1") else state.usage
+        return 200, index.for_date(day.strftime("%Y-%m-%d"))
 
 
 @_admin
@@ -129,6 +147,7 @@ async def add_events(request: Request) -> tuple[int, Any]:
                     identifier=ident,
                     timestamp=int(noon),
                     check_window=False,
+                    delay=False,
                 )
             else:
                 state.polar.store_event(
@@ -216,6 +235,138 @@ async def plans(request: Request) -> tuple[int, Any]:
     return 200, {"updated": len(parsed)}
 
 
+def _items(body: Any, what: str) -> list[Any]:
+    items = body if isinstance(body, list) else [body]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise _bad(f"expected a JSON object {what} or a list of them")
+    return items
+
+
+def _text(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise _bad(f"{where}.{key}: expected a non-empty string")
+    return value
+
+
+def _optional_text(item: dict[str, Any], key: str, where: str) -> str | None:
+    return None if item.get(key) is None else _text(item, key, where)
+
+
+@_admin
+async def customers(request: Request) -> tuple[int, Any]:
+    """Create (or update) customers with the ids given; GET lists both providers'."""
+    state = _state(request)
+    if request.method == "GET":
+        with state.lock:
+            listed = [
+                {"provider": "stripe", "customer": c, "name": v["name"], "email": v["email"]}
+                for c, v in state.stripe.customers.items()
+            ] + [
+                {
+                    "provider": "polar",
+                    "customer": v["external_id"],
+                    "id": v["id"],
+                    "name": v["name"],
+                    "email": v["email"],
+                }
+                for v in state.polar.customers.values()
+            ]
+        return 200, listed
+    items = _items(await _json(request), "{provider, customer, name, email}")
+    parsed = []
+    for i, item in enumerate(items):
+        where = f"customers[{i}]"
+        provider = item.get("provider")
+        if provider not in PROVIDERS:
+            raise _bad(f"{where}.provider: expected 'stripe' or 'polar'")
+        customer = _text(item, "customer", where)
+        name = _optional_text(item, "name", where)
+        email = _optional_text(item, "email", where)
+        parsed.append((provider, customer, name, email))
+    created = 0
+    with state.lock:
+        for provider, customer, name, email in parsed:
+            if provider == "stripe":
+                created += customer not in state.stripe.customers
+                state.stripe.ensure_customer(customer, name=name, email=email)
+            else:
+                created += state.polar.ensure_external_customer(customer, name=name, email=email)
+    return 200, {"created": created, "updated": len(parsed) - created}
+
+
+@_admin
+async def subscriptions(request: Request) -> tuple[int, Any]:
+    items = _items(
+        await _json(request), "{provider, customer, plan, period_start, interval, status}"
+    )
+    parsed = []
+    for i, item in enumerate(items):
+        where = f"subscriptions[{i}]"
+        provider = item.get("provider")
+        if provider not in PROVIDERS:
+            raise _bad(f"{where}.provider: expected 'stripe' or 'polar'")
+        customer = _text(item, "customer", where)
+        plan = _text(item, "plan", where)
+        start = item.get("period_start")
+        anchor = (
+            None if start is None else int(_parse_date(start, f"{where}.period_start").timestamp())
+        )
+        raw_interval = item.get("interval", "month")
+        try:
+            interval = Interval(raw_interval)
+        except ValueError:
+            choices = ", ".join(i.value for i in Interval)
+            raise _bad(f"{where}.interval: expected one of {choices}") from None
+        status = item.get("status")
+        allowed = STRIPE_STATUSES if provider == "stripe" else POLAR_STATUSES
+        if status is not None and status not in allowed:
+            raise _bad(f"{where}.status: expected one of {', '.join(allowed)}")
+        units = item.get("unit_amounts")
+        if units is not None:
+            if not isinstance(units, dict) or not all(
+                isinstance(v, str | int) and not isinstance(v, bool) for v in units.values()
+            ):
+                raise _bad(f"{where}.unit_amounts: expected {{tier: cents per second}}")
+            try:
+                units = {str(k): str(Decimal(str(v))) for k, v in units.items()}
+            except InvalidOperation:
+                raise _bad(f"{where}.unit_amounts: expected decimal amounts in cents") from None
+        period = None if anchor is None else (anchor, interval)
+        parsed.append((provider, customer, plan, status, period, units))
+    state = _state(request)
+    answers = []
+    with state.lock:
+        for provider, customer, plan, status, period, units in parsed:
+            store = state.stripe if provider == "stripe" else state.polar
+            sub = store.set_plan(customer, plan, status=status, period=period, unit_amounts=units)
+            answers.append({"provider": provider, "customer": customer, "id": sub["id"]})
+    return 200, answers
+
+
+@_admin
+async def settings(request: Request) -> tuple[int, Any]:
+    state = _state(request)
+    if request.method == "GET":
+        with state.lock:
+            return 200, state.settings.as_dict()
+    body = await _json(request) or {}
+    if not isinstance(body, dict):
+        raise _bad('expected {"finalization_grace_s": seconds}')
+    try:
+        return 200, state.configure_settings(body)
+    except ValueError as exc:
+        raise _bad(str(exc)) from exc
+
+
+@_admin
+async def meter_errors(request: Request) -> tuple[int, Any]:
+    """Every Stripe meter event accepted and then not counted, oldest first."""
+    state = _state(request)
+    with state.lock:
+        return 200, list(state.stripe.errors.flat)
+
+
 @_admin
 async def stats(request: Request) -> tuple[int, Any]:
     state = _state(request)
@@ -245,6 +396,10 @@ def routes() -> list[Route]:
         Route("/_sandbox/reset", reset, methods=["POST"]),
         Route("/_sandbox/clock", clock, methods=["GET", "POST"]),
         Route("/_sandbox/plans", plans, methods=["POST"]),
+        Route("/_sandbox/customers", customers, methods=["GET", "POST"]),
+        Route("/_sandbox/subscriptions", subscriptions, methods=["POST"]),
+        Route("/_sandbox/settings", settings, methods=["GET", "POST"]),
+        Route("/_sandbox/meter_errors", meter_errors, methods=["GET"]),
         Route("/_sandbox/stats", stats, methods=["GET"]),
         Route("/_sandbox/stats/reset", stats_reset, methods=["POST"]),
         Route("/_sandbox/health", health, methods=["GET"]),

@@ -33,6 +33,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .common import DAY, HOUR, ApiError, as_int, floor_to, iso, parse_iso, utc_date
+from .periods import Interval, period, period_at
+from .polar_orders import PolarOrders
 from .routing import Ctx, ProviderRoute, ProviderSpec
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ class PolarEvent:
     external_id: str | None
     timestamp: float
     metadata: dict[str, Any]
+    ingested_at: float = 0.0  # sandbox clock when Polar received it: bills the period
 
 
 class Cells:
@@ -284,6 +287,10 @@ class PolarStore:
         self.cells: dict[str, dict[str, Cells]] = {}  # meter id -> key -> cells
         self.subscriptions: dict[str, dict[str, Any]] = {}  # customer id -> subscription
         self.subscription_order: list[str] = []
+        self.periods: dict[str, tuple[int, Interval]] = {}  # subscription id -> billing
+        self.sub_owner: dict[str, str] = {}  # subscription id -> customer key
+        self.unit_amounts: dict[str, dict[str, str]] = {}  # subscription id -> tier -> cents
+        self.orders = PolarOrders(self)
 
     # -- customers ---------------------------------------------------------------
     def create_customer(
@@ -325,6 +332,27 @@ class PolarStore:
             self.by_email[email.lower()] = customer_id
         return customer
 
+    def ensure_external_customer(
+        self, external_id: str, *, name: str | None = None, email: str | None = None
+    ) -> bool:
+        """Create (or update) the customer with this external id; True when created.
+        An email another customer already has is kept off the index, not refused:
+        several orgs may share one billing address."""
+        cid = self.by_external.get(external_id)
+        if cid is not None:
+            customer = self.customers[cid]
+            customer.update({k: v for k, v in (("name", name), ("email", email)) if v})
+            if name:
+                customer["billing_name"] = name
+            return False
+        address = email or f"{external_id}@sandbox.invalid"
+        taken = address.lower() in self.by_email
+        customer = self.create_customer(email=None, external_id=external_id, name=name)
+        customer["email"] = address
+        if not taken:
+            self.by_email[address.lower()] = customer["id"]
+        return True
+
     def customer_for_key(self, key: str) -> dict[str, Any] | None:
         if key.startswith("id:"):
             return self.customers.get(key[3:])
@@ -352,6 +380,7 @@ class PolarStore:
             external_id=external_id,
             timestamp=timestamp,
             metadata=metadata,
+            ingested_at=self.state.now(),
         )
         self.events.append(event)
         if external_id is not None:
@@ -367,7 +396,8 @@ class PolarStore:
                 seconds = int(seconds)
             if isinstance(tier, str) and isinstance(seconds, int) and not isinstance(seconds, bool):
                 who = key[3:] if key.startswith("id:") else key
-                self.state.usage.add(utc_date(timestamp), "polar", who, tier, int(seconds), 1)
+                for index in (self.state.usage, self.state.processed_usage):
+                    index.add(utc_date(timestamp), "polar", who, tier, int(seconds), 1)
         return event
 
     def _count(self, meter_id: str, meter: dict[str, Any], event: PolarEvent) -> None:
@@ -567,7 +597,18 @@ class PolarStore:
         }
 
     # -- subscriptions -------------------------------------------------------------
-    def set_plan(self, external_id: str, plan: str) -> dict[str, Any]:
+    def set_plan(
+        self,
+        external_id: str,
+        plan: str,
+        *,
+        status: str | None = None,
+        period: tuple[int, Interval] | None = None,
+        unit_amounts: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The customer's subscription (the customer is created when missing: a
+        subscription implies its customer); `period` = (anchor, interval) makes
+        Polar cycle it and create orders."""
         cid = self.by_external.get(external_id)
         if cid is None and external_id in self.customers:
             cid = external_id
@@ -651,6 +692,29 @@ class PolarStore:
                 },
             }
         )
+        if status is not None:
+            sub["status"] = status
+            if status == "canceled" and sub["canceled_at"] is None:
+                sub["canceled_at"] = sub["ended_at"] = iso(now)
+        if period is not None:
+            anchor, interval = period
+            self.periods[sub["id"]] = (anchor, interval)
+            self.sub_owner[sub["id"]] = cid
+            sub["started_at"] = iso(anchor)
+            sub["recurring_interval"] = interval.value
+            sub["product"]["recurring_interval"] = interval.value
+        if unit_amounts is not None:
+            self.unit_amounts[sub["id"]] = dict(unit_amounts)
+        return self.subscription_view(sub)
+
+    def subscription_view(self, sub: dict[str, Any]) -> dict[str, Any]:
+        """Keep the current period in step with the clock."""
+        billing = self.periods.get(sub["id"])
+        if billing is not None:
+            anchor, interval = billing
+            current = period_at(anchor, interval, self.state.now()) or period(anchor, interval, 0)
+            sub["current_period_start"] = iso(current.start)
+            sub["current_period_end"] = iso(current.end)
         return sub
 
 
@@ -1101,9 +1165,42 @@ def h_create_customer(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
     return 201, customer
 
 
+CUSTOMER_SORTS = ("created_at", "email", "name")
+
+
 def h_list_customers(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    """Filters `email`, `query` (name, email or external id) and `active` (a
+    trialing, active or past_due subscription); `sorting` (default -created_at)."""
     store = state.polar
-    items = [store.customers[c] for c in reversed(store.customer_order)]
+    items = [store.customers[c] for c in store.customer_order]  # oldest first
+    sorting = ctx.query.getlist("sorting") or ["-created_at"]
+    for criterion in reversed(sorting):  # stable sorts: the first criterion wins
+        field = criterion.lstrip("-")
+        if field not in CUSTOMER_SORTS:
+            raise validation_error(
+                [
+                    _verr(
+                        ["query", "sorting", 0],
+                        "Input should be 'created_at', '-created_at', 'email', '-email', "
+                        "'name' or '-name'",
+                        "enum",
+                        criterion,
+                    )
+                ]
+            )
+        if field == "created_at":  # ties (same instant) keep creation order
+            ranked = {cid: i for i, cid in enumerate(store.customer_order)}
+            items.sort(key=lambda c: ranked[c["id"]], reverse=criterion.startswith("-"))
+        else:
+            items.sort(key=lambda c: c[field] or "", reverse=criterion.startswith("-"))
+    active = ctx.query.get("active")
+    if active in ("true", "false"):
+        live = {
+            cid
+            for cid, sub in store.subscriptions.items()
+            if sub["status"] in ("trialing", "active", "past_due")
+        }
+        items = [c for c in items if (c["id"] in live) == (active == "true")]
     email = ctx.query.get("email")
     if email:
         items = [c for c in items if (c["email"] or "").lower() == email.lower()]
@@ -1144,7 +1241,56 @@ def h_list_subscriptions(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
     statuses = set(ctx.query.getlist("status"))
     if statuses:
         items = [s for s in items if s["status"] in statuses]
+    return 200, _list_resource(ctx, [store.subscription_view(s) for s in items])
+
+
+def h_get_subscription(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    store = state.polar
+    for sub in store.subscriptions.values():
+        if sub["id"] == ctx.params["id"]:
+            return 200, store.subscription_view(sub)
+    raise not_found()
+
+
+ORDER_SORTS = ("created_at", "-created_at")
+
+
+def h_list_orders(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    """Filters `customer_id`, `external_customer_id`, `subscription_id`, `status`
+    (orders here are all `paid`); sorting by `created_at` (default newest first)."""
+    store = state.polar
+    customer_ids = set(ctx.query.getlist("customer_id"))
+    for external in ctx.query.getlist("external_customer_id"):
+        cid = store.by_external.get(external)
+        customer_ids.add(cid or f"unknown:{external}")
+    sorting = ctx.query.getlist("sorting") or ["-created_at"]
+    if sorting[0] not in ORDER_SORTS:
+        raise validation_error(
+            [
+                _verr(
+                    ["query", "sorting", 0],
+                    "The sandbox sorts orders by created_at or -created_at.",
+                    "enum",
+                    sorting[0],
+                )
+            ]
+        )
+    items = store.orders.listed(
+        customer_ids=customer_ids,
+        subscription_ids=set(ctx.query.getlist("subscription_id")),
+        descending=sorting[0].startswith("-"),
+    )
+    statuses = set(ctx.query.getlist("status"))
+    if statuses:
+        items = [o for o in items if o["status"] in statuses]
     return 200, _list_resource(ctx, items)
+
+
+def h_get_order(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    order = state.polar.orders.view(ctx.params["id"])
+    if order is None:
+        raise not_found()
+    return 200, order
 
 
 # -- provider spec ---------------------------------------------------------------------
@@ -1155,7 +1301,8 @@ def _unauthorized(ctx: Ctx) -> ApiError:
 
 
 def _rate_limited(retry_after: int) -> ApiError:
-    return ApiError(429, {"error": "TooManyRequests", "detail": "Rate limit exceeded."})
+    # Polar's rate limiter answers 429 with an empty body (only Retry-After).
+    return ApiError(429, None)
 
 
 def _server_error(message: str) -> ApiError:
@@ -1178,6 +1325,9 @@ ROUTES = [
     ProviderRoute("GET", "/v1/customers/external/{external_id}", h_get_customer_external),
     ProviderRoute("GET", "/v1/customers/{id}", h_get_customer),
     ProviderRoute("GET", "/v1/subscriptions/", h_list_subscriptions),
+    ProviderRoute("GET", "/v1/subscriptions/{id}", h_get_subscription),
+    ProviderRoute("GET", "/v1/orders/", h_list_orders),
+    ProviderRoute("GET", "/v1/orders/{id}", h_get_order),
 ]
 
 SPEC = ProviderSpec(

@@ -122,6 +122,8 @@ def detect_provider(path: str, headers: Headers) -> str:
 
 def _render(error: ApiError, extra: dict[str, str] | None = None) -> Response:
     headers = {**error.headers, **(extra or {})}
+    if error.payload is None:  # an empty body (Polar's 429)
+        return Response(b"", status_code=error.status, headers=headers)
     return json_response(error.status, error.payload, headers)
 
 
@@ -181,6 +183,7 @@ async def _run(
                 _idempotency_store(state, ctx, idem_key, failure.status, failure.payload)
             return _render(failure)
         try:
+            state.settle()  # the providers' asynchronous work, up to the clock
             status, payload = route.handler(state, ctx)
         except ApiError as error:
             return _render(error)

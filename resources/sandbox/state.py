@@ -44,6 +44,9 @@ class Faults:
     error_rate: float = 0.0
     drop_after_store_rate: float = 0.0
     latency_ms: float = 0.0
+    # Stripe processes meter events and cancels asynchronously: they reach summaries
+    # and invoices this many sandbox seconds after they were accepted.
+    processing_delay_s: float = 0.0
     rate_limits: dict[str, float | None] = field(
         default_factory=lambda: {p: None for p in PROVIDERS}
     )
@@ -54,10 +57,23 @@ class Faults:
             "error_rate": self.error_rate,
             "drop_after_store_rate": self.drop_after_store_rate,
             "latency_ms": self.latency_ms,
+            "processing_delay_s": self.processing_delay_s,
             "stripe_rate_limit_per_s": self.rate_limits["stripe"],
             "polar_rate_limit_per_s": self.rate_limits["polar"],
             "seed": self.seed,
         }
+
+
+@dataclass
+class Settings:
+    """Account settings (``/_sandbox/settings``): survive nothing but a reset."""
+
+    # Stripe finalizes a subscription invoice this long after its period ends
+    # (Stripe's default is one hour, configurable up to 72 h).
+    finalization_grace_s: float = 3600.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"finalization_grace_s": self.finalization_grace_s}
 
 
 class Stats:
@@ -147,13 +163,28 @@ class SandboxState:
         self.rng = random.Random()
         self.limiters: dict[str, TokenBucket | None] = {p: None for p in PROVIDERS}
         self.stats = Stats()
+        self.settings = Settings()
+        # What each provider accepted (what will be there) and what it has processed
+        # (what its read APIs show). Polar processes at once: both move together.
         self.usage = UsageIndex()
+        self.processed_usage = UsageIndex()
         self.stripe = StripeStore(self)
         self.polar = PolarStore(self)
 
     # -- clock ---------------------------------------------------------------
     def now(self) -> float:
         return self.clock.now()
+
+    def settle(self) -> None:
+        """Bring the providers' asynchronous work up to the clock: process the
+        Stripe events and cancels that are due, then create and finalize the
+        invoices (and Polar orders) whose periods ended. Lazy but exact: every
+        outcome is computed as of the moment it was due, not as of this call."""
+        with self.lock:
+            now = self.clock.now()
+            self.stripe.process_due(now)
+            self.stripe.invoices.settle(now)
+            self.polar.orders.settle(now)
 
     def set_clock_offset(self, seconds: float) -> None:
         with self.lock:
@@ -194,11 +225,12 @@ class SandboxState:
                     if not 0.0 <= value <= 1.0:
                         raise ValueError(f"{key} must be between 0 and 1")
                     setattr(faults, key, value)
-            if "latency_ms" in config:
-                value = _number(config["latency_ms"], "latency_ms")
-                if value < 0:
-                    raise ValueError("latency_ms must be >= 0")
-                faults.latency_ms = value
+            for key in ("latency_ms", "processing_delay_s"):
+                if key in config:
+                    value = _number(config[key], key)
+                    if value < 0:
+                        raise ValueError(f"{key} must be >= 0")
+                    setattr(faults, key, value)
             limits: dict[str, Any] = {}
             if "rate_limit_per_s" in config:
                 limits = {p: config["rate_limit_per_s"] for p in PROVIDERS}
@@ -219,6 +251,20 @@ class SandboxState:
                 faults.seed = seed
                 self.rng = random.Random(seed)
             return faults.as_dict()
+
+    def configure_settings(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Merge `config` into the account settings; ValueError names the bad key."""
+        with self.lock:
+            self.settle()  # invoices already due keep the grace they were created with
+            unknown = sorted(set(config) - {"finalization_grace_s"})
+            if unknown:
+                raise ValueError(f"unknown setting {unknown[0]!r}; expected finalization_grace_s")
+            if "finalization_grace_s" in config:
+                value = _number(config["finalization_grace_s"], "finalization_grace_s")
+                if not 0 <= value <= 72 * 3600:
+                    raise ValueError("finalization_grace_s must be between 0 and 259200 (72 h)")
+                self.settings.finalization_grace_s = value
+            return self.settings.as_dict()
 
 
 def _number(value: Any, key: str) -> float:

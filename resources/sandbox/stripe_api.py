@@ -22,6 +22,7 @@ meter-event refusals carry the codes Stripe uses in meter error reports
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ from .common import (
     parse_iso,
     utc_date,
 )
+from .periods import Interval, period, period_at
 from .routing import Ctx, ProviderRoute, ProviderSpec
+from .stripe_errors import MeterErrors
+from .stripe_invoices import StripeInvoices
 
 if TYPE_CHECKING:
     from .state import SandboxState
@@ -71,6 +75,12 @@ def stripe_error(
     return ApiError(status, {"error": error}, headers)
 
 
+def _tier_of(event_name: str) -> str | None:
+    if event_name.startswith(TIER_EVENT_PREFIX):
+        return event_name[len(TIER_EVENT_PREFIX) :]
+    return None
+
+
 def _missing(param: str) -> ApiError:
     return stripe_error(f"Missing required param: {param}.", code="parameter_missing", param=param)
 
@@ -91,7 +101,13 @@ class MeterEvent:
     timestamp: int
     created: int
     payload: dict[str, str]
-    cancelled: bool = False
+    due: float = 0.0  # when Stripe processes it (accepted + processing delay)
+    cancelled: bool = False  # a cancel was accepted
+    cancel_due: float | None = None  # when that cancel is processed
+    accepted: bool = False  # counted in /_sandbox/usage
+    processed: bool = False
+    rejected: bool = False  # processed for an unknown customer: never counted
+    cancel_applied: bool = False
 
     def as_v1(self) -> dict[str, Any]:
         return {
@@ -140,6 +156,10 @@ class StripeStore:
         self.meter_order: list[str] = []
         self.meter_by_event: dict[str, str] = {}
         self.events: dict[str, MeterEvent] = {}  # identifier -> latest event
+        self.by_customer: dict[str, list[MeterEvent]] = defaultdict(list)
+        self.pending: list[tuple[float, int, bool, MeterEvent]] = []  # heap by due time
+        self._seq = 0
+        self.errors = MeterErrors(self)
         self.event_count = 0
         self.series: dict[tuple[str, str], Series] = {}
         self.customers: dict[str, dict[str, Any]] = {}
@@ -147,6 +167,11 @@ class StripeStore:
         self.balance_txns: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.subscriptions: dict[str, dict[str, Any]] = {}  # customer -> subscription
         self.subscription_order: list[str] = []
+        self.periods: dict[str, tuple[int, Interval]] = {}  # subscription id -> billing
+        self.sub_owner: dict[str, str] = {}  # subscription id -> customer key
+        self.unit_amounts: dict[str, dict[str, str]] = {}  # subscription id -> tier -> cents
+        self.plans: dict[str, str] = {}  # subscription id -> plan
+        self.invoices = StripeInvoices(self)
         self.idempotency: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, float] = {}  # authentication_token -> expires_at
 
@@ -272,8 +297,13 @@ class StripeStore:
         timestamp: int | None,
         v2: bool = False,
         check_window: bool = True,
+        delay: bool = True,
     ) -> MeterEvent:
-        """Validate and record one meter event (v1, v2, stream and admin paths)."""
+        """Validate and record one meter event (v1, v2, stream and admin paths).
+
+        The event is accepted now and processed `processing_delay_s` later
+        (`delay=False`: at once); an event whose customer does not exist when it
+        is processed is never counted and goes to the meter error reports."""
         now = int(self.state.now())
         if not event_name or not isinstance(event_name, str):
             raise _missing("event_name")
@@ -345,21 +375,61 @@ class StripeStore:
             timestamp=ts,
             created=now,
             payload={str(k): str(v) for k, v in payload.items()},
+            due=now + (self.state.faults.processing_delay_s if delay else 0.0),
         )
         self.events[identifier] = event
+        self.by_customer[customer].append(event)
         self.event_count += 1
-        self._apply(event, +1)
-        self.ensure_customer(customer)
+        if customer in self.customers:
+            self._accept(event, +1)
+        self._schedule(event.due, event, cancel=False)
+        self.process_due(self.state.now())
         return event
 
+    # -- asynchronous processing ---------------------------------------------------
+    def _schedule(self, due: float, event: MeterEvent, *, cancel: bool) -> None:
+        self._seq += 1
+        heapq.heappush(self.pending, (due, self._seq, cancel, event))
+
+    def _accept(self, event: MeterEvent, sign: int) -> None:
+        """Move the accepted-usage index (``/_sandbox/usage``): what will be there."""
+        event.accepted = sign > 0
+        tier = _tier_of(event.event_name)
+        if tier is not None:
+            self.state.usage.add(
+                utc_date(event.timestamp), "stripe", event.customer, tier, sign * event.value, sign
+            )
+
+    def process_due(self, now: float) -> None:
+        """Process every event and cancel due by `now`. Every request settles first,
+        so a customer created after an event was due does not rescue it."""
+        while self.pending and self.pending[0][0] <= now:
+            due, _, is_cancel, event = heapq.heappop(self.pending)
+            if is_cancel:
+                if event.processed and not event.rejected and not event.cancel_applied:
+                    event.cancel_applied = True
+                    self._apply(event, -1)
+                continue
+            event.processed = True
+            if event.customer not in self.customers:
+                event.rejected = True
+                if event.accepted:
+                    self._accept(event, -1)
+                self.errors.record(event, due)
+                continue
+            if not event.accepted and not event.cancelled:
+                self._accept(event, +1)
+            self._apply(event, +1)
+
     def _apply(self, event: MeterEvent, sign: int) -> None:
+        """Move what the read APIs show: summaries and the processed-usage index."""
         series = self.series.get((event.meter_id, event.customer))
         if series is None:
             series = self.series[(event.meter_id, event.customer)] = Series()
         series.add(event.timestamp, sign * event.value, sign)
-        if event.event_name.startswith(TIER_EVENT_PREFIX):
-            tier = event.event_name[len(TIER_EVENT_PREFIX) :]
-            self.state.usage.add(
+        tier = _tier_of(event.event_name)
+        if tier is not None:
+            self.state.processed_usage.add(
                 utc_date(event.timestamp),
                 "stripe",
                 event.customer,
@@ -367,6 +437,13 @@ class StripeStore:
                 sign * event.value,
                 sign,
             )
+
+    def counted(self, event: MeterEvent, as_of: float) -> bool:
+        """Whether `event` counts in an aggregate taken at `as_of` (processed by then,
+        its customer known, not cancelled by then)."""
+        if event.due > as_of or not event.processed or event.rejected:
+            return False
+        return event.cancel_due is None or event.cancel_due > as_of
 
     def cancel(self, event_name: Any, identifier: Any) -> dict[str, Any]:
         if not event_name:
@@ -380,7 +457,8 @@ class StripeStore:
                 f"'{event_name}'.",
                 param="cancel[identifier]",
             )
-        if self.state.now() - event.created > CANCEL_WINDOW:
+        now = self.state.now()
+        if now - event.created > CANCEL_WINDOW:
             raise stripe_error(
                 f"The meter event with identifier '{identifier}' can no longer be cancelled: "
                 "cancellations are only possible within 24 hours of the event's creation.",
@@ -388,7 +466,12 @@ class StripeStore:
             )
         if not event.cancelled:  # cancelling twice is a no-op, as Stripe's async processing
             event.cancelled = True
-            self._apply(event, -1)
+            if event.accepted:
+                self._accept(event, -1)
+            # Applied after the processing delay, never before the event itself.
+            event.cancel_due = max(now + self.state.faults.processing_delay_s, event.due)
+            self._schedule(event.cancel_due, event, cancel=True)
+            self.process_due(now)
         return {
             "object": "billing.meter_event_adjustment",
             "cancel": {"identifier": identifier},
@@ -399,7 +482,18 @@ class StripeStore:
         }
 
     # -- subscriptions ---------------------------------------------------------
-    def set_plan(self, customer_id: str, plan: str) -> dict[str, Any]:
+    def set_plan(
+        self,
+        customer_id: str,
+        plan: str,
+        *,
+        status: str | None = None,
+        period: tuple[int, Interval] | None = None,
+        unit_amounts: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The customer's subscription (created with the customer when missing: a
+        subscription implies its customer). `period` = (anchor, interval) gives it
+        billing periods, and so invoices; `unit_amounts` = cents per second by tier."""
         self.ensure_customer(customer_id)
         now = int(self.state.now())
         sub = self.subscriptions.get(customer_id)
@@ -460,6 +554,20 @@ class StripeStore:
             self.subscriptions[customer_id] = sub
             self.subscription_order.append(customer_id)
         sub["metadata"] = {"plan": plan}
+        if status is not None:
+            sub["status"] = status
+            if status == "canceled" and sub["canceled_at"] is None:
+                sub["canceled_at"] = sub["ended_at"] = now
+            if status == "trialing" and sub["trial_start"] is None:
+                sub["trial_start"], sub["trial_end"] = now, now + 14 * DAY
+        if period is not None:
+            anchor, interval = period
+            self.periods[sub["id"]] = (anchor, interval)
+            self.sub_owner[sub["id"]] = customer_id
+            sub["billing_cycle_anchor"] = anchor
+            sub["start_date"] = anchor
+        if unit_amounts is not None:
+            self.unit_amounts[sub["id"]] = dict(unit_amounts)
         sub["items"]["data"] = [
             {
                 "id": "si_" + sub["id"][4:],
@@ -483,7 +591,74 @@ class StripeStore:
                 "tax_rates": [],
             }
         ]
+        self.plans[sub["id"]] = plan
+        return self.subscription_view(sub)
+
+    def subscription_view(self, sub: dict[str, Any]) -> dict[str, Any]:
+        """Refresh what moves with the clock and the meters: the current period on
+        each item, and one metered item per tally tier meter for a subscription
+        with billing periods."""
+        billing = self.periods.get(sub["id"])
+        if billing is None:
+            return sub
+        anchor, interval = billing
+        current = period_at(anchor, interval, self.state.now()) or period(anchor, interval, 0)
+        plan_item = sub["items"]["data"][0]
+        plan_item["current_period_start"] = current.start
+        plan_item["current_period_end"] = current.end
+        metered = [
+            self.metered_item(sub, meter_id, current.start, current.end)
+            for meter_id in self.meter_order
+        ]
+        sub["items"]["data"] = [plan_item, *metered]
         return sub
+
+    def metered_item(
+        self, sub: dict[str, Any], meter_id: str, start: int, end: int
+    ) -> dict[str, Any]:
+        meter = self.meters[meter_id]
+        tier = _tier_of(meter["event_name"]) or meter["event_name"]
+        return {
+            "id": f"si_{sub['id'][4:]}_{tier}",
+            "object": "subscription_item",
+            "created": sub["created"],
+            "current_period_end": end,
+            "current_period_start": start,
+            "discounts": [],
+            "metadata": {"tier": tier},
+            "price": self.metered_price(sub, meter_id),
+            "quantity": None,
+            "subscription": sub["id"],
+            "tax_rates": [],
+        }
+
+    def metered_price(self, sub: dict[str, Any], meter_id: str) -> dict[str, Any]:
+        meter = self.meters[meter_id]
+        tier = _tier_of(meter["event_name"]) or meter["event_name"]
+        billing = self.periods.get(sub["id"])
+        interval = billing[1].value if billing else "month"
+        return {
+            "id": f"price_tally_{tier}",
+            "object": "price",
+            "active": True,
+            "billing_scheme": "per_unit",
+            "created": meter["created"],
+            "currency": "usd",
+            "livemode": False,
+            "lookup_key": f"tally_{tier}",
+            "metadata": {"tier": tier},
+            "nickname": f"{tier} instance seconds",
+            "product": f"prod_tally_{tier}",
+            "recurring": {
+                "interval": interval,
+                "interval_count": 1,
+                "meter": meter_id,
+                "usage_type": "metered",
+            },
+            "type": "recurring",
+            "unit_amount": None,
+            "unit_amount_decimal": self.unit_amounts.get(sub["id"], {}).get(tier, "0"),
+        }
 
 
 # -- request helpers -------------------------------------------------------------
@@ -771,18 +946,114 @@ def h_list_balance_txns(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
     return 200, _page(ctx, items, url, "customer_balance_transaction")
 
 
+SUBSCRIPTION_STATUSES = (
+    "active",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "past_due",
+    "paused",
+    "trialing",
+    "unpaid",
+)
+
+
 def h_list_subscriptions(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    """Stripe's default lists every subscription that is not canceled; `status`
+    narrows to one status, `all` includes canceled ones, `ended` only those."""
     store = state.stripe
-    status = ctx.query.get("status")
+    status = ctx.query.get("status") or None
+    if status not in (None, "all", "ended", *SUBSCRIPTION_STATUSES):
+        raise stripe_error(f"Invalid status: {status}.", param="status")
     customer = ctx.query.get("customer")
     if customer:
         sub = store.subscriptions.get(customer)
         items = [sub] if sub is not None else []
     else:
         items = [store.subscriptions[c] for c in reversed(store.subscription_order)]
-    if status not in (None, "", "active", "all"):
-        items = []
+    if status is None:
+        items = [s for s in items if s["status"] not in ("canceled", "incomplete_expired")]
+    elif status == "ended":
+        items = [s for s in items if s["status"] in ("canceled", "incomplete_expired")]
+    elif status != "all":
+        items = [s for s in items if s["status"] == status]
+    items = [store.subscription_view(s) for s in items]
     return 200, _page(ctx, items, "/v1/subscriptions", "subscription")
+
+
+def h_get_subscription(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    store = state.stripe
+    wanted = ctx.params["subscription_exposed_id"]
+    for sub in store.subscriptions.values():
+        if sub["id"] == wanted:
+            return 200, store.subscription_view(sub)
+    raise _no_such("subscription", wanted, "id")
+
+
+INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
+
+
+def h_list_invoices(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    status = ctx.query.get("status") or None
+    if status not in (None, *INVOICE_STATUSES):
+        raise stripe_error(
+            "Invalid status: must be one of draft, open, paid, uncollectible, or void.",
+            param="status",
+        )
+    items = state.stripe.invoices.listed(
+        customer=ctx.query.get("customer") or None,
+        subscription=ctx.query.get("subscription") or None,
+        status=status,
+    )
+    return 200, _page(ctx, items, "/v1/invoices", "invoice")
+
+
+def _get_invoice(state: SandboxState, invoice_id: str) -> dict[str, Any]:
+    invoice = state.stripe.invoices.view(invoice_id)
+    if invoice is None:
+        raise _no_such("invoice", invoice_id, "invoice")
+    return invoice
+
+
+def h_get_invoice(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    return 200, _get_invoice(state, ctx.params["invoice"])
+
+
+def h_invoice_lines(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    invoice = _get_invoice(state, ctx.params["invoice"])
+    lines = invoice["lines"]["data"]
+    return 200, _page(ctx, lines, f"/v1/invoices/{invoice['id']}/lines", "line_item")
+
+
+def h_create_preview(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    """The upcoming invoice: the current period's lines as Stripe has processed
+    them so far (`customer` and/or `subscription`)."""
+    store = state.stripe
+    form = ctx.form
+    customer = form.get("customer") or None
+    subscription = form.get("subscription") or None
+    if customer is None and subscription is None:
+        raise stripe_error(
+            "Must provide at least one of customer, customer_account, subscription, or schedule.",
+            param="customer",
+        )
+    if subscription is not None:
+        owner = next(
+            (c for c, sub in store.subscriptions.items() if sub["id"] == subscription), None
+        )
+        if owner is None or (customer is not None and owner != customer):
+            raise _no_such("subscription", str(subscription), "subscription")
+        customer = owner
+    if customer not in store.customers:
+        raise _no_such("customer", str(customer), "customer")
+    preview = store.invoices.upcoming(str(customer))
+    if preview is None:
+        raise stripe_error(
+            f"No upcoming invoices for customer: {customer}",
+            status=404,
+            code="invoice_upcoming_none",
+        )
+    return 200, preview
 
 
 # -- v2 handlers (JSON bodies) ----------------------------------------------------
@@ -880,6 +1151,22 @@ def h_v2_meter_event(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
     return 200, event.as_v2()
 
 
+def h_v2_events(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    """Thin events; the sandbox emits only meter error reports (see stripe_errors)."""
+    found = state.stripe.errors.events(ctx.query.get("object_id") or None)
+    types = ctx.query.getlist("types") or ctx.query.getlist("types[]")
+    if types:
+        found = [e for e in found if e["type"] in types]
+    return 200, {"data": found, "next_page_url": None, "previous_page_url": None}
+
+
+def h_v2_event(state: SandboxState, ctx: Ctx) -> tuple[int, Any]:
+    event = state.stripe.errors.reports.get(ctx.params["id"])
+    if event is None:
+        raise _v2_error(_no_such("event", ctx.params["id"]))
+    return 200, event
+
+
 # -- provider spec -------------------------------------------------------------------
 
 
@@ -932,6 +1219,13 @@ ROUTES = [
     ),
     ProviderRoute("GET", "/v1/customers/{customer}/balance_transactions", h_list_balance_txns),
     ProviderRoute("GET", "/v1/subscriptions", h_list_subscriptions),
+    ProviderRoute("GET", "/v1/subscriptions/{subscription_exposed_id}", h_get_subscription),
+    ProviderRoute("GET", "/v1/invoices", h_list_invoices),
+    ProviderRoute("POST", "/v1/invoices/create_preview", h_create_preview),
+    ProviderRoute("GET", "/v1/invoices/{invoice}", h_get_invoice),
+    ProviderRoute("GET", "/v1/invoices/{invoice}/lines", h_invoice_lines),
+    ProviderRoute("GET", "/v2/core/events", h_v2_events),
+    ProviderRoute("GET", "/v2/core/events/{id}", h_v2_event),
     ProviderRoute("POST", "/v2/billing/meter_event_session", h_v2_session, writes=True),
     ProviderRoute("POST", "/v2/billing/meter_event_stream", h_v2_stream, writes=True),
     ProviderRoute("POST", "/v2/billing/meter_events", h_v2_meter_event, writes=True),
