@@ -105,6 +105,18 @@ def build(server_url: str, orgs: int, day: dt.date) -> str:
     return url
 
 
+def create_customers(url: str, base: str) -> None:
+    """Stripe counts usage only for customers that exist: create every org's."""
+    with db.engine_for(url).connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT provider, provider_customer_id FROM organizations ORDER BY org_id")
+        ).all()
+    customers = [{"provider": provider, "customer": customer} for provider, customer in rows]
+    for start in range(0, len(customers), 2000):
+        batch = customers[start : start + 2000]
+        httpx.post(f"{base}/_sandbox/customers", json=batch, timeout=120).raise_for_status()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orgs", type=int, default=10_000)
@@ -122,6 +134,7 @@ def main() -> None:
                 "polar_rate_limit_per_s": POLAR_LIMIT_PER_MIN / 60,
             },
         ).raise_for_status()
+        create_customers(url, base)
         providers = ProvidersResource(
             stripe_api_key="sk_test_bench",
             stripe_api_base=base,

@@ -174,7 +174,12 @@ def load(engine, base_url: str, rows, planted: set[str]) -> None:
         "COPY usage_counters (org_id, usage_date, tier, runtime_seconds) FROM STDIN",
         counters,
     )
+    customers = [{"provider": p, "customer": c} for _, p, c, _ in rows]
     with httpx.Client(base_url=base_url, timeout=120) as client:
+        # Stripe counts usage only for customers that exist: create them first.
+        for start in range(0, len(customers), 2000):
+            batch = customers[start : start + 2000]
+            client.post("/_sandbox/customers", json=batch).raise_for_status()
         for start in range(0, len(events), 2000):
             client.post("/_sandbox/events", json=events[start : start + 2000]).raise_for_status()
 

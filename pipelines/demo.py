@@ -46,6 +46,21 @@ def _simulate_double_charge(engine: Engine, sandbox: RunningSandbox, day: dt.dat
     print(f"simulated a duplicate charge at Stripe: {org_id}, small tier, 2.0 h on {day}")
 
 
+def _create_customers(engine: Engine, sandbox: RunningSandbox) -> None:
+    """Create every seeded org's customer at its provider, as onboarding would:
+    Stripe counts usage only for customers that exist."""
+    from resources.db import raw_connection, read_frame
+
+    with raw_connection(engine) as connection:
+        customers = read_frame(connection, "demo/customers.sql")
+    rows = [
+        {key: value for key, value in row.items() if isinstance(value, str) and value}
+        for row in customers.to_dict("records")
+    ]
+    if rows:
+        sandbox.post("/_sandbox/customers", json=rows).raise_for_status()
+
+
 class DemoError(ValueError):
     """Demo flags that cannot work; the message names the flag and the fix."""
 
@@ -118,6 +133,7 @@ def _seed_and_run(
     print(
         "seeded " + ", ".join(f"{table}={count:,}" for table, count in counts.items()), flush=True
     )
+    _create_customers(engine, sandbox)
     usage_days = [end_date - dt.timedelta(days=offset) for offset in range(days - 1, -1, -1)]
     _simulate_double_charge(engine, sandbox, usage_days[len(usage_days) // 2])
     failures = run_days(usage_days, report_only=False, echo=lambda line: print(line, flush=True))

@@ -4,10 +4,41 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
 
 UTC = dt.UTC
+
+# The provider sandbox in use (set by the `providers_env` fixture): Stripe counts
+# usage only for customers that exist, so every org added here gets its customer.
+_sandbox: Any = None
+_customers: list[dict[str, str]] = []  # added since the database was emptied
+
+
+def use_sandbox(sandbox: Any) -> None:
+    """Create every org's customer in `sandbox` from now on (None: stop), and
+    create those of the orgs added before it was set."""
+    global _sandbox
+    _sandbox = sandbox
+    if sandbox is not None and _customers:
+        sandbox.post("/_sandbox/customers", json=_customers).raise_for_status()
+
+
+def forget_orgs() -> None:
+    """The database was emptied: its orgs' customers are no longer pending."""
+    _customers.clear()
+
+
+def register_customer(provider: str, customer: str, name: str = "", email: str = "") -> None:
+    """An org's customer (added or moved to): created in the sandbox in use."""
+    if not customer:  # an org without a usable customer id is never pushed
+        return
+    row = {"provider": provider, "customer": customer}
+    row.update({key: value for key, value in (("name", name), ("email", email)) if value})
+    _customers.append(row)
+    if _sandbox is not None:
+        _sandbox.post("/_sandbox/customers", json=row).raise_for_status()
 
 
 def at(day: dt.date, hours: int = 0, minutes: int = 0, seconds: float = 0) -> dt.datetime:
@@ -25,27 +56,34 @@ def add_org(
     customer: str | None = None,
     email: str | None = None,
     throttle: tuple[int, int, int] | None = None,
+    create_customer: bool = True,
 ) -> None:
+    """Insert an org; with a sandbox in use (`use_sandbox`) its provider customer is
+    created there too, unless `create_customer=False` (a customer the provider has
+    never heard of)."""
+    values = {
+        "org": org_id,
+        "name": f"{org_id} Inc.",
+        "email": email or f"billing@{org_id}.test",
+        "plan": plan,
+        "provider": provider,
+        "customer": customer if customer is not None else f"cus_{org_id}",
+    }
     with engine.begin() as connection:
         connection.execute(
             sa.text(
                 "INSERT INTO organizations (org_id, name, billing_email, plan, provider, "
                 "provider_customer_id) VALUES (:org, :name, :email, :plan, :provider, :customer)"
             ),
-            {
-                "org": org_id,
-                "name": f"{org_id} Inc.",
-                "email": email or f"billing@{org_id}.test",
-                "plan": plan,
-                "provider": provider,
-                "customer": customer if customer is not None else f"cus_{org_id}",
-            },
+            values,
         )
         if throttle:
             connection.execute(
                 sa.text("INSERT INTO throttle_settings VALUES (:org, :c, :d, :i)"),
                 {"org": org_id, "c": throttle[0], "d": throttle[1], "i": throttle[2]},
             )
+    if create_customer and provider in ("stripe", "polar"):
+        register_customer(provider, values["customer"], values["name"], values["email"])
 
 
 def add_instance(

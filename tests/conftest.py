@@ -25,6 +25,8 @@ os.environ["TALLY_FIRST_DAY"] = "2020-01-01"
 for variable in ("DATABASE_URL", "BILLING_DATABASE_URL"):
     os.environ.pop(variable, None)
 
+import builders  # noqa: E402
+
 from resources import db  # noqa: E402
 
 pytest_plugins = ["sandbox_fixture"]
@@ -90,6 +92,7 @@ def engine(database_url: str) -> sa.Engine:
         )
         tables = CONTROL_TABLES + [f"billing.{table}" for table in billing_tables]
         connection.execute(sa.text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+    builders.forget_orgs()
     return engine
 
 
@@ -103,12 +106,15 @@ def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture()
 def providers_env(sandbox_clean, monkeypatch):
-    """Provider keys and bases pointing at a freshly reset sandbox."""
+    """Provider keys and bases pointing at a freshly reset sandbox. Orgs added with
+    `builders.add_org` (before or during the test) get their customers there."""
     monkeypatch.setenv("STRIPE_API_KEY", STRIPE_KEY)
     monkeypatch.setenv("STRIPE_API_BASE", sandbox_clean.base_url)
     monkeypatch.setenv("POLAR_ACCESS_TOKEN", POLAR_TOKEN)
     monkeypatch.setenv("POLAR_API_BASE", sandbox_clean.base_url)
-    return sandbox_clean
+    builders.use_sandbox(sandbox_clean)
+    yield sandbox_clean
+    builders.use_sandbox(None)
 
 
 # --------------------------------------------------------------------------- SMTP

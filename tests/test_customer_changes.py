@@ -7,6 +7,7 @@ real SDKs, real Dagster runs."""
 
 from __future__ import annotations
 
+import builders
 import sqlalchemy as sa
 from builders import add_org, discrepancy_rows, query_rows
 from test_push import sandbox_usage
@@ -48,6 +49,7 @@ def move(engine, org: str, *, provider: str, customer: str) -> None:
             ),
             {"p": provider, "c": customer, "o": org},
         )
+    builders.register_customer(provider, customer)  # the provider knows the new customer
 
 
 # -- attribution, directly ------------------------------------------------------------

@@ -5,6 +5,7 @@ are real Dagster executions against the sandbox over HTTP."""
 
 from __future__ import annotations
 
+import builders
 import sqlalchemy as sa
 from builders import add_heartbeats, add_instance, add_org, at, every_minute, query_rows
 from test_customer_changes import money_moving
@@ -123,6 +124,7 @@ def _moved_org(engine, providers_env):
                 "WHERE org_id = 'org-x'"
             )
         )
+    builders.register_customer("polar", "ext_x")  # the provider knows the new customer
     add_instance(engine, "i-x2", "org-x", "small")
     add_heartbeats(engine, every_minute("i-x2", at(DAY, 5), 60))
     run_day()
