@@ -474,6 +474,13 @@ def usage_push(
     }
     metadata["hours_pushed_stripe"] = MetadataValue.float(stats["seconds_stripe"] / 3600)
     metadata["hours_pushed_polar"] = MetadataValue.float(stats["seconds_polar"] / 3600)
+    refused = {key: int(stats.get(key, 0)) for key in ("refused", "cancels_refused")}
+    if any(refused.values()):  # a line on-call can grep for: usage that was not billed
+        context.log.warning(
+            f"{usage_date}: {refused['refused']} push(es) refused (billing.push_refusals), "
+            f"{refused['cancels_refused']} cancel(s) refused (the ledger); see docs/push.md",
+            extra={"counts": refused},
+        )
     if errors:
         # A missing key will not fix itself: fail at once. Provider outages retry.
         raise Failure(description="; ".join(errors), metadata=metadata, allow_retries=retryable)

@@ -649,6 +649,14 @@ def reconciliation(
     # Freshness counts only real runs' reconciliations (pipelines/freshness.py).
     metadata["report_only"] = run_mode.report_only
     metadata["kept_real_reconciliation"] = kept
+    money = discrepancies[~discrepancies["explained"].astype(bool)]
+    money = money[money["money_moving"].astype(bool)]
+    if not money.empty:  # a line on-call can grep for: money may be wrong
+        context.log.warning(
+            f"{usage_date}: {len(money)} unexplained money-moving discrepancies; see "
+            f"`tally export-discrepancies --start-date {usage_date} --end-date {usage_date}`",
+            extra={"counts": {str(k): int(n) for k, n in money["kind"].value_counts().items()}},
+        )
     return MaterializeResult(
         metadata=metadata,
         check_results=discrepancy_checks(discrepancies, counters_fresh),

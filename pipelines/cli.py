@@ -432,10 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging() -> None:
+    """TALLY_LOG_FORMAT (text / json) for tally's own logs; see pipelines/logs.py."""
+    from pipelines.logs import LogFormatError, configure_logging
+
+    try:
+        configure_logging()
+    except LogFormatError as error:
+        raise UsageError(str(error)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     try:
+        _configure_logging()
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             raise UsageError("no command given; try `tally --help`")

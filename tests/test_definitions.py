@@ -96,6 +96,7 @@ def test_schedule_and_sensors() -> None:
     assert sensors == {
         "reconciliation_freshness": "RUNNING",
         "deadmans_switch": "RUNNING",
+        "run_failure_alerts": "RUNNING",
         "finance_review_after_runs": "RUNNING",
     }
 
