@@ -51,7 +51,27 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
                 failures += 1
                 for step, message in failure_messages(result):
                     echo(f"    {step}: {message}")
+        if failures < len(days):
+            refresh_review(instance, echo)
     return failures
+
+
+def refresh_review(instance, echo: Callable[[str], None]) -> None:
+    """Materialize the finance review after the days, as the daemon's sensor does
+    after each run (pipelines/review_refresh.py): no daemon runs here."""
+    from pipelines.definitions import defs
+
+    result = defs.resolve_job_def("refresh_finance_review").execute_in_process(
+        instance=instance,
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+        raise_on_error=False,
+        tags={"tally/source": "cli"},
+    )
+    if result.success:
+        echo(f"finance review refreshed  run {result.run_id[:8]}  (`tally review` prints it)")
+    else:
+        for step, message in failure_messages(result):
+            echo(f"    finance review {step}: {message}")
 
 
 def _user_message(error) -> str | None:

@@ -79,10 +79,13 @@ def test_run_over_a_range_records_runs(engine, dagster_home):
 
     with DagsterInstance.from_config(str(dagster_home)) as instance:
         runs = instance.get_runs(RunsFilter(job_name="daily_billing"))
+        reviews = instance.get_runs(RunsFilter(job_name="refresh_finance_review"))
     assert sorted(run.tags["dagster/partition"] for run in runs) == [
         previous.isoformat(),
         DAY.isoformat(),
     ]
+    # No daemon here: the run refreshes the finance review itself, once, after its days.
+    assert len(reviews) == 1 and "finance review refreshed" in result.stdout
 
 
 def test_seed_loads_the_control_plane_and_rejects_bad_flags(engine):
