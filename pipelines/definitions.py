@@ -6,6 +6,7 @@ from dagster import Definitions, load_asset_checks_from_modules, load_assets_fro
 
 import assets.budget_alerts
 import assets.credits
+import assets.finance_review
 import assets.metering
 import assets.provider_usage
 import assets.push
@@ -14,6 +15,7 @@ import assets.reconcile
 from pipelines.jobs import daily_billing, issue_credits
 from pipelines.logs import tally_console
 from pipelines.run_failure_sensor import run_failure_alerts
+from pipelines.review_refresh import finance_review_after_runs, refresh_finance_review
 from pipelines.schedules import daily_billing_schedule
 from pipelines.sensors import deadmans_switch, reconciliation_freshness
 from resources.db import PostgresResource
@@ -29,14 +31,20 @@ STAGE_MODULES = [
     assets.credits,
     assets.quota,
     assets.budget_alerts,
+    assets.finance_review,
 ]
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     asset_checks=load_asset_checks_from_modules(STAGE_MODULES),
-    jobs=[daily_billing, issue_credits],
+    jobs=[daily_billing, issue_credits, refresh_finance_review],
     schedules=[daily_billing_schedule],
-    sensors=[reconciliation_freshness, deadmans_switch, run_failure_alerts],
+    sensors=[
+        reconciliation_freshness,
+        deadmans_switch,
+        finance_review_after_runs,
+        run_failure_alerts,
+    ],
     resources={
         "postgres": PostgresResource(),
         "run_mode": RunMode(),
