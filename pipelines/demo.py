@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 from pipelines.runner import run_days
 from pipelines.summary import (
     SUMMARY_HEADER,
+    credits_report,
     day_summary_row,
     discrepancy_report,
     month_to_date_report,
+    report_month_day,
 )
 from resources.db import control_engine, recreate_embedded_database
 
@@ -143,10 +145,15 @@ def _seed_and_run(
         print(day_summary_row(day))
     print(f"\nDiscrepancies {usage_days[0]} .. {usage_days[-1]} (billing.discrepancies)")
     print("\n".join(discrepancy_report(usage_days[0], usage_days[-1])))
-    print(f"\nMonth to date as of {usage_days[-1]} (billing.quota_usage)")
-    print("\n".join(month_to_date_report(usage_days[-1])))
+    # The month holding most of the demo's days, not the day or two of the next one.
+    as_of = report_month_day(usage_days)
+    print(f"\nMonth to date as of {as_of} (billing.quota_usage; credits of that month)")
+    print("\n".join(month_to_date_report(as_of)))
+    print(f"\nCredit proposals by month of their usage day {usage_days[0]} .. {usage_days[-1]}")
+    print("\n".join(credits_report(usage_days[0], usage_days[-1])))
     print(
-        "\nNext: `.venv/bin/tally ui` to browse the runs, checks and finance metadata; "
-        "`.venv/bin/tally status`; `.venv/bin/tally org ORG_ID`."
+        "\nNext: `.venv/bin/tally review` (the finance review), `.venv/bin/tally ui` to "
+        "browse the runs, checks and finance metadata; `.venv/bin/tally status`; "
+        "`.venv/bin/tally org ORG_ID`."
     )
     return 1 if failures else 0
