@@ -119,6 +119,9 @@ class PolarOrders:
                     "tax_amount": 0,
                     "proration": False,
                     "product_price_id": _uuid("price", meter_id),
+                    # polar-sdk 1.0.2 requires the item's period (newer than the excerpt)
+                    "start_timestamp": iso(done.start),
+                    "end_timestamp": iso(done.end),
                 }
             )
         count = self.numbers.get(customer_id, 0) + 1
@@ -167,6 +170,7 @@ class PolarOrders:
             "is_invoice_generated": False,
             "receipt_number": None,
             "seats": None,
+            "units": None,  # polar-sdk 1.0.2 requires it (newer than the excerpt)
             "customer_id": record.customer,
             "product_id": sub["product_id"],
             "discount_id": None,

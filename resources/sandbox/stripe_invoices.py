@@ -305,7 +305,6 @@ class StripeInvoices:
             "subtotal": total,
             "subtotal_excluding_tax": total,
             "test_clock": None,
-            "threshold_reason": None,
             "total": total,
             "total_discount_amounts": [],
             "total_excluding_tax": total,
