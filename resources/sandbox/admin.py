@@ -1,22 +1,67 @@
 """/_sandbox/* admin endpoints (no auth, no faults, no rate limits, not counted).
 
-Contract (used by tests and outside checkers):
+Every admin call, like every provider call, first brings the providers'
+asynchronous work up to the sandbox clock (``SandboxState.settle``): Stripe
+events and cancels that are due are processed, period invoices and Polar orders
+are created and finalized, each as of the moment it was due.
+
+Contract (used by tests and outside checkers; DESIGN §7):
 
 * ``GET  /_sandbox/usage?date=YYYY-MM-DD`` -> ``[{"provider","customer","tier","seconds"}]``
   summed per (provider, customer, tier) for events whose timestamp falls on that
-  UTC day, after dedupe and cancellations. Stripe: tier from the meter event name
-  ``tally_instance_seconds_{tier}``, customer = ``payload.stripe_customer_id``.
-  Polar: events named ``tally.instance_usage``, tier = ``metadata.tier``,
-  customer = ``external_customer_id`` (the Polar customer id when there is none).
+  UTC day, after dedupe and cancellations: what the provider **accepted** (what
+  will be there once processed). It includes Stripe events and cancels still
+  inside ``processing_delay_s`` and leaves out Stripe events for a customer that
+  did not exist (never counted). ``&processed=true``: only what the provider has
+  processed, i.e. what its read APIs (summaries, quantities) show right now. Polar
+  processes at once, so both views agree for Polar. Stripe: tier from the meter
+  event name ``tally_instance_seconds_{tier}``, customer =
+  ``payload.stripe_customer_id``. Polar: events named ``tally.instance_usage``,
+  tier = ``metadata.tier``, customer = ``external_customer_id`` (the Polar
+  customer id when there is none).
 * ``POST /_sandbox/events`` ``[{"provider","customer","tier","seconds","date"}]`` adds
   usage directly (timestamp = date 12:00 UTC), visible here and in the provider
-  read APIs. Stripe: creates the tier's meter when missing.
+  read APIs at once (usage already processed at the provider: no processing
+  delay). Stripe: creates the tier's meter when missing. It creates no customer:
+  planted Stripe usage for a customer that does not exist is not counted and is
+  reported as a meter error, as an API event would be; Polar counts it.
 * ``POST /_sandbox/faults`` ``{"error_rate","drop_after_store_rate","latency_ms",
-  "rate_limit_per_s","stripe_rate_limit_per_s","polar_rate_limit_per_s","seed"}``
-  (all optional, merged into the current settings); ``GET`` shows them.
-* ``POST /_sandbox/reset`` clears all state, faults, counters and the clock offset.
+  "processing_delay_s","rate_limit_per_s","stripe_rate_limit_per_s",
+  "polar_rate_limit_per_s","seed"}`` (all optional, merged into the current
+  settings); ``GET`` shows them. ``processing_delay_s`` (default 0): Stripe meter
+  events and cancels (meter event adjustments) reach event summaries and invoices
+  that many sandbox seconds after they were accepted (a cancel never before its
+  event); the answers are immediate (a cancel answers ``status: pending``).
+* ``POST /_sandbox/customers`` ``{"provider","customer","name","email"}`` (or a list)
+  creates the customer with the id given (Polar: ``external_id`` = customer), or
+  updates name and email of an existing one -> ``{"created","updated"}``; ``GET``
+  lists them. Customers exist only once created (here, ``POST /v1/customers`` or
+  ``POST /v1/customers/``). Stripe accepts meter events for an unknown customer
+  (200), never counts them, and reports them when it processes them as a
+  ``v1.billing.meter.error_report_triggered`` thin event about the meter
+  (``GET /v2/core/events?object_id=<meter>``; see ``stripe_errors``). Polar
+  accepts and counts events for unknown external customers, as Polar does.
+* ``GET /_sandbox/meter_errors`` -> every Stripe meter event accepted and then not
+  counted: ``[{"code","error_message","meter","event_name","customer","identifier",
+  "value","timestamp","accepted_at","processed_at"}]``, oldest first.
+* ``POST /_sandbox/subscriptions`` ``{"provider","customer","plan","period_start":
+  "YYYY-MM-DD","interval":"month","status","unit_amounts"}`` (or a list) sets the
+  customer's subscription (creating the customer when missing: a subscription
+  implies one). ``period_start`` (optional) gives it billing periods from that UTC
+  midnight, ``interval`` ``day|week|month|year`` (default month); ``status`` any
+  Stripe status (``active`` … ``paused``; Polar's own set); ``unit_amounts``
+  ``{tier: cents per second}`` prices the metered lines (default 0). Stripe
+  finalizes each period's invoice at period end + grace with the usage it has
+  processed by then; usage for a finalized period is on no invoice
+  (``stripe_invoices``). Polar creates each cycle's order at period end from the
+  events it *ingested* during the period (``polar_orders``).
+* ``POST /_sandbox/settings`` ``{"finalization_grace_s": 3600}`` (default 1 h, at most
+  72 h); ``GET`` shows it. Invoices already created keep the grace they had.
+* ``POST /_sandbox/reset`` clears all state, customers, subscriptions, settings,
+  faults, counters and the clock offset.
 * ``POST /_sandbox/clock`` ``{"advance_seconds": n}`` or ``{"now": epoch}``; ``GET`` shows it.
-* ``POST /_sandbox/plans`` ``{"provider","customer","plan"}`` (or a list of them).
+* ``POST /_sandbox/plans`` ``{"provider","customer","plan"}`` (or a list of them): a
+  subscription without billing periods (no invoices), as before.
 * ``GET /_sandbox/stats``, ``POST /_sandbox/stats/reset``, ``GET /_sandbox/health``.
 """
 
