@@ -326,6 +326,34 @@ def cmd_org(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
 
+# --------------------------------------------------------------------------- review
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from assets.pricing import PricingError
+    from pipelines.review import run_review
+
+    _check_databases()
+    try:
+        return run_review(as_json=args.json)
+    except PricingError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pipelines.explain import ExplainError, ExplainRequest, check_request, run_explain
+
+    request = ExplainRequest(
+        args.day, args.org, args.kind, args.tier, args.reason, args.by, args.revoke
+    )
+    try:
+        check_request(request)  # before any database: a typo costs nothing
+        _check_databases()
+        return run_explain(request)
+    except ExplainError as error:
+        raise UsageError(str(error)) from None
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -429,6 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     org.add_argument("--json", action="store_true", help="JSON (schema in docs/quota.md)")
     org.set_defaults(handler=cmd_org)
+
+    review = commands.add_parser(
+        "review", help="finance review: billed, at risk, credits to approve, stale or not"
+    )
+    review.add_argument("--json", action="store_true", help="JSON (money as 2-decimal strings)")
+    review.set_defaults(handler=cmd_review)
+
+    explain = commands.add_parser(
+        "explain", help="acknowledge a discrepancy (or --revoke it) without SQL"
+    )
+    explain.add_argument("--day", type=_date, required=True, metavar="YYYY-MM-DD")
+    explain.add_argument("--org", required=True, metavar="ORG_ID")
+    explain.add_argument("--kind", required=True, metavar="KIND")
+    explain.add_argument("--tier", metavar="TIER", help="default: every tier of that kind")
+    explain.add_argument("--reason", metavar="TEXT", help="why it is acceptable")
+    explain.add_argument("--by", required=True, metavar="NAME", help="who explains (or revokes)")
+    explain.add_argument("--revoke", action="store_true", help="withdraw the explanation")
+    explain.set_defaults(handler=cmd_explain)
     return parser
 
 

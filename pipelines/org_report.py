@@ -127,6 +127,21 @@ JSON_SCHEMA: dict = {
                     }
                 ),
             },
+            "explanations": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "usage_date": _DATE,
+                        "kind": {"type": "string"},
+                        "tier": {"type": "string"},
+                        "explanation": {"type": "string"},
+                        "explained_by": {"type": "string"},
+                        "explained_at": {"type": "string"},
+                        "revoked_at": {"type": ["string", "null"]},
+                        "revoked_by": {"type": ["string", "null"]},
+                    }
+                ),
+            },
             "discrepancies": _object(
                 {
                     "tracked": {"type": "boolean"},
@@ -215,6 +230,7 @@ class _MonthRows:
     alerts: pd.DataFrame
     tracked: bool  # billing.discrepancies exists
     discrepancies: pd.DataFrame | None  # None unless tracked
+    explanations: pd.DataFrame | None = None  # `tally explain`; None unless tracked
 
 
 def _read_month(billing_engine: Engine, org_id: str, month: dt.date) -> _MonthRows:
@@ -231,8 +247,33 @@ def _read_month(billing_engine: Engine, org_id: str, month: dt.date) -> _MonthRo
             read_frame(connection, "org_report/discrepancies_exists.sql")["present"].iloc[0]
         )
         found = read_frame(connection, "org_report/discrepancies.sql", span) if tracked else None
+        explained = read_frame(connection, "org_report/explanations.sql", span) if tracked else None
     as_of = None if as_of is None or pd.isna(as_of) else as_of
-    return _MonthRows(usage, as_of, alerts, tracked, found)
+    return _MonthRows(usage, as_of, alerts, tracked, found, explained)
+
+
+def _explanation_items(rows: _MonthRows) -> list[dict]:
+    import pandas as pd
+
+    def when(value) -> str | None:
+        return None if value is None or pd.isna(value) else value.isoformat()
+
+    found = rows.explanations
+    return [
+        {
+            "usage_date": row.usage_date.isoformat(),
+            "kind": row.kind,
+            "tier": row.tier,
+            "explanation": row.explanation,
+            "explained_by": row.explained_by,
+            "explained_at": when(row.explained_at),
+            "revoked_at": when(row.revoked_at),
+            "revoked_by": None
+            if row.revoked_by is None or pd.isna(row.revoked_by)
+            else row.revoked_by,
+        }
+        for row in ([] if found is None else found.itertuples(index=False))
+    ]
 
 
 def _org_section(org_id: str, org_row: pd.Series) -> dict:
@@ -363,6 +404,7 @@ def build_report(
         "charges": _charges_section(quota),
         "free_tier_overage": bool(quota["free_tier_overage"]),
         "alerts": _alert_items(rows.alerts),
+        "explanations": _explanation_items(rows),
         "discrepancies": _discrepancies_section(rows),
     }
 
@@ -418,6 +460,17 @@ def render_text(report: dict) -> str:
             kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
         by_kind = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
         lines.append(f"discrepancies  {found['open']} open" + (f": {by_kind}" if by_kind else ""))
+    for item in report["explanations"]:
+        tier = f" {item['tier']}" if item["tier"] else ""
+        state = (
+            f"REVOKED by {item['revoked_by']} {item['revoked_at'][:16]}"
+            if item["revoked_at"]
+            else f"by {item['explained_by']} {item['explained_at'][:16]}"
+        )
+        lines.append(
+            f"explained      {item['usage_date']} {item['kind']}{tier}: "
+            f"{item['explanation']} ({state})"
+        )
     return "\n".join(lines)
 
 

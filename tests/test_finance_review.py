@@ -198,3 +198,35 @@ def test_a_credit_run_refreshes_the_review_and_empties_what_to_approve(
     assert rows(after["open_credit_proposals"]) == []
     assert after["credits_to_approve"].value == 0
     assert after["credits_to_approve_usd"].value == 0.0
+
+
+def test_tally_review_prints_the_assets_numbers(engine, providers_env, dagster_home, capsys):
+    import json
+    import re
+
+    from pipelines.cli import main
+
+    world(engine)
+    add_at_provider(providers_env, "stripe", "cus_cap", "small", 7200)
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        run_job(instance, "daily_billing", partition_key=DAY.isoformat())
+        meta = review_of(instance)
+    assert main(["review", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["schema"] == "tally.finance_review/1"
+    headline = document["headline"]
+    assert headline["at_risk"] == f"{meta['at_risk_usd'].value:.2f}" == "0.10"
+    assert headline["billed_yesterday"] == f"{meta['billed_yesterday_usd'].value:.2f}"
+    assert headline["credits_to_approve_count"] == meta["credits_to_approve"].value == 1
+    money = re.compile(r"^-?\d+\.\d{2}$")
+    for period, row in zip(document["totals"], rows(meta["totals"]), strict=True):
+        assert period["period"] == row["period"]
+        for name in ("usage_at_list", "expected_invoice", "over_charge"):
+            assert money.match(period[name]) and float(period[name]) == row[f"{name}_usd"]
+    assert [p["proposal_id"] for p in document["open_credit_proposals"]] == [
+        row["proposal_id"] for row in rows(meta["open_credit_proposals"])
+    ]
+    assert main(["review"]) == 0
+    text = capsys.readouterr().out
+    assert "at risk              $0.10: leakage $0.00, over-charge $0.10" in text
+    assert "org-cap (org-cap Inc.)" in text
