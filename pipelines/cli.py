@@ -168,14 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
+    from pipelines import demo_sandbox
     from pipelines.local import local_dagster_home
+    from pipelines.processes import run_group
     from resources.db import PROJECT_ROOT, control_plane_url
 
     _check_urls()
     os.environ.setdefault("DATABASE_URL", control_plane_url())
     local_dagster_home()
+    # After `tally demo`: the code location's runs push to the demo's sandbox.
+    demo_sandbox.for_local_commands(restart=True, echo=lambda line: print(line, flush=True))
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     command = [
         sys.executable,
@@ -189,7 +191,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "-p",
         str(args.port),
     ]
-    return subprocess.call(command, cwd=PROJECT_ROOT)
+    # Its own process group, stopped whole on SIGTERM / SIGINT (pipelines/processes.py).
+    return run_group(command, cwd=PROJECT_ROOT)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -198,6 +201,21 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     print(f"provider sandbox on http://{args.host}:{args.port}", flush=True)
     serve(args.host, args.port)
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- doctor / stop
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pipelines.doctor import run_doctor
+
+    return run_doctor(echo=lambda line: print(line, flush=True))
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipelines.stop import stop_local
+
+    return stop_local(echo=lambda line: print(line, flush=True))
 
 
 # --------------------------------------------------------------------------- status / metrics
@@ -279,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"reconciliation: {label}")
     print(f"  last success:  {last['last_success_at'] or 'never'}{age}")
     if facts.duration_seconds is not None:
-        print(f"  run duration:  {facts.duration_seconds:.1f} s (run {(facts.run_id or '')[:8]})")
+        print(f"  run duration:  {facts.duration_seconds:.1f} s (run {facts.run_id or ''})")
     print(f"  newest day:    {last['newest_day'] or 'none'}")
     print(f"  due day:       {last['due_day']} (reconciled by 06:00 UTC the day after)")
     for reason in freshness.reasons:
@@ -434,6 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=cmd_export_discrepancies)
 
+    doctor = commands.add_parser(
+        "doctor", help="check settings, databases, provider keys, SMTP, schedule, daemon"
+    )
+    doctor.set_defaults(handler=cmd_doctor)
+
+    stop = commands.add_parser(
+        "stop", help="stop the embedded PostgreSQL and the demo's sandbox (.tally)"
+    )
+    stop.set_defaults(handler=cmd_stop)
+
     status = commands.add_parser(
         "status", help="last successful reconciliation, stale or fresh (exit 1 when stale)"
     )
@@ -492,10 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     try:
-        _configure_logging()
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             raise UsageError("no command given; try `tally --help`")
+        if args.handler is not cmd_doctor:  # doctor reports a bad TALLY_LOG_FORMAT itself
+            _configure_logging()
         return args.handler(args)
     except UsageError as error:
         print(f"tally: error: {error}", file=sys.stderr)

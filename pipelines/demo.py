@@ -20,10 +20,10 @@ from resources.db import control_engine, recreate_embedded_database
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from resources.sandbox.testing import RunningSandbox
+    from pipelines.demo_sandbox import DemoSandbox
 
 
-def _simulate_double_charge(engine: Engine, sandbox: RunningSandbox, day: dt.date) -> None:
+def _simulate_double_charge(engine: Engine, sandbox: DemoSandbox, day: dt.date) -> None:
     """Record two extra hours at the provider for one org, so the reconciliation
     has an over-charge to find and a credit to propose."""
     from resources.db import raw_connection, read_frame
@@ -48,7 +48,7 @@ def _simulate_double_charge(engine: Engine, sandbox: RunningSandbox, day: dt.dat
     print(f"simulated a duplicate charge at Stripe: {org_id}, small tier, 2.0 h on {day}")
 
 
-def _create_customers(engine: Engine, sandbox: RunningSandbox) -> None:
+def _create_customers(engine: Engine, sandbox: DemoSandbox) -> None:
     """Create every seeded org's customer at its provider, as onboarding would:
     Stripe counts usage only for customers that exist."""
     from resources.db import raw_connection, read_frame
@@ -99,28 +99,33 @@ def check_demo_flags(*, days: int, orgs: int, instances: int, seed: int) -> None
 
 
 def run_demo(*, days: int, orgs: int, instances: int, seed: int) -> int:
-    from resources.sandbox.testing import running_sandbox
-
     check_demo_flags(days=days, orgs=orgs, instances=instances, seed=seed)
     print("tally demo: starting the embedded PostgreSQL under .tally/pg", flush=True)
     # The default embedded database, recreated: afterwards `tally ui`, `tally status`
     # and `tally org` see the demo's data without any settings.
     url = recreate_embedded_database()
-    with running_sandbox() as sandbox:
-        print(f"tally demo: provider sandbox (Stripe + Polar) on {sandbox.base_url}", flush=True)
-        os.environ.update(
-            {
-                "STRIPE_API_BASE": sandbox.base_url,
-                "STRIPE_API_KEY": "sk_test_tally_demo",
-                "POLAR_API_BASE": sandbox.base_url,
-                "POLAR_ACCESS_TOKEN": "polar_oat_tally_demo",
-            }
-        )
-        return _seed_and_run(url, sandbox, days=days, orgs=orgs, instances=instances, seed=seed)
+    sandbox = _start_demo_sandbox()
+    return _seed_and_run(url, sandbox, days=days, orgs=orgs, instances=instances, seed=seed)
+
+
+def _start_demo_sandbox() -> DemoSandbox:
+    """The sandbox as its own process that stays up after the demo (like the embedded
+    PostgreSQL), so `tally ui` backfills and issues credits against what the demo
+    pushed; `tally stop` ends both."""
+    from pipelines import demo_sandbox
+
+    sandbox = demo_sandbox.start()
+    print(
+        f"tally demo: provider sandbox (Stripe + Polar) on {sandbox.base_url} "
+        "(stays up for `tally ui`; `tally stop` stops it)",
+        flush=True,
+    )
+    os.environ.update(sandbox.provider_env())
+    return sandbox
 
 
 def _seed_and_run(
-    url: str, sandbox: RunningSandbox, *, days: int, orgs: int, instances: int, seed: int
+    url: str, sandbox: DemoSandbox, *, days: int, orgs: int, instances: int, seed: int
 ) -> int:
     from pipelines import seed as seeding
     from resources.db import create_control_plane

@@ -45,7 +45,7 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
             status = "ok" if result.success else "FAILED"
             echo(
                 f"[{position}/{len(days)}] {day}  {status:<6} {elapsed:6.1f}s  "
-                f"{day_summary_line(day)}  run {result.run_id[:8]}"
+                f"{day_summary_line(day)}  run {result.run_id}"
             )
             if not result.success:
                 failures += 1
@@ -68,7 +68,7 @@ def refresh_review(instance, echo: Callable[[str], None]) -> None:
         tags={"tally/source": "cli"},
     )
     if result.success:
-        echo(f"finance review refreshed  run {result.run_id[:8]}  (`tally review` prints it)")
+        echo(f"finance review refreshed  run {result.run_id}  (`tally review` prints it)")
     else:
         for step, message in failure_messages(result):
             echo(f"    finance review {step}: {message}")

@@ -111,6 +111,47 @@ def embedded_server_url() -> str:
     return server.get_uri("postgres", "psycopg")
 
 
+def embedded_pgdata() -> Path:
+    return tally_home() / "pg"
+
+
+def embedded_postmaster_pid() -> int | None:
+    """The pid of the embedded server's postmaster when one runs on `.tally/pg`
+    (postmaster.pid names a live postgres process), else None."""
+    try:
+        first = (embedded_pgdata() / "postmaster.pid").read_text().split("\n", 1)[0]
+        pid = int(first.strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None  # no file, a torn file, or no such process
+    # A stale file after a crash may name a pid reused by something else.
+    return pid if b"postgres" in command else None
+
+
+def stop_embedded_server(timeout_s: float = 30.0) -> int | None:
+    """Stop the embedded PostgreSQL (fast shutdown: SIGINT to the postmaster, as
+    `pg_ctl stop -m fast` does, which also works when it runs as another user) and
+    wait until it is gone. Returns the pid stopped, None when none was running."""
+    import signal
+    import time
+
+    pid = embedded_postmaster_pid()
+    if pid is None:
+        return None
+    embedded_server_url.cache_clear()
+    _engine.cache_clear()
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise DatabaseUnavailable(
+                f"the embedded PostgreSQL (pid {pid}) did not stop within {timeout_s:.0f} s; "
+                f"stop it with `kill -QUIT {pid}`"
+            )
+        time.sleep(0.05)  # polling the process's own exit, with a deadline
+    return pid
+
+
 def embedded_url(database: str = EMBEDDED_DATABASE) -> str:
     return (
         make_url(embedded_server_url()).set(database=database).render_as_string(hide_password=False)

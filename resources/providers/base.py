@@ -173,6 +173,12 @@ class BillingProvider(Protocol):
         """Hand an over-charge back, idempotently per proposal."""
         ...
 
+    def ping(self) -> None:
+        """One read-only call that needs the key (list meters): returns when the
+        provider accepted it; Rejected (the provider said no, e.g. 401) or
+        ProviderUnavailable (no answer) otherwise. `tally doctor` calls it."""
+        ...
+
     def stats(self) -> dict[str, int]:
         """Counters of the write calls (requests, retried, rate_limited, errors)."""
         ...

@@ -287,6 +287,11 @@ class PolarProvider:
             "in the Polar dashboard",
         )
 
+    # -- doctor ------------------------------------------------------------------
+
+    def ping(self) -> None:
+        self._call(partial(self.client.meters.list, page=1, limit=1))
+
     # -- counters ----------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:

@@ -359,6 +359,14 @@ class StripeProvider:
             raise self._rejected(error) from None
         return CreditResult(CorrectionMethod.STRIPE_BALANCE_TRANSACTION, reference)
 
+    # -- doctor ------------------------------------------------------------------
+
+    def ping(self) -> None:
+        try:
+            self._read(lambda: self.client.v1.billing.meters.list({"limit": 1}))
+        except stripe.StripeError as error:
+            raise self._rejected(error) from None
+
     # -- counters ----------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
