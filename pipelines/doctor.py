@@ -251,6 +251,14 @@ def _providers(in_use: list[tuple[str, int]] | None) -> list[Check]:
         in_use = [
             (provider.value, 0) for provider in Provider if os.environ.get(_SETTINGS[provider][1])
         ]
+        if not in_use:
+            return [
+                Check(
+                    "providers",
+                    "not checked: which providers the orgs use is in the control plane",
+                    "fix the control-plane database first",
+                )
+            ]
     if not in_use:
         return [Check("providers: no org is billed through a provider")]
     checks: list[Check] = []
