@@ -196,11 +196,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from pipelines.processes import exit_code_after, record_exit_signals
     from resources.sandbox.server import serve
 
+    received = record_exit_signals()  # uvicorn stops on them, then re-raises them here
     print(f"provider sandbox on http://{args.host}:{args.port}", flush=True)
     serve(args.host, args.port)
-    return EXIT_OK
+    return exit_code_after(received[0] if received else None, EXIT_OK)
 
 
 # --------------------------------------------------------------------------- doctor / stop

@@ -156,3 +156,13 @@ def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(interval_s)
+
+
+def record_exit_signals() -> list[int]:
+    """Handlers that only note SIGTERM / SIGINT (in the returned list), for a server
+    that shuts itself down on them (uvicorn re-raises the signal once it has):
+    the command then exits 128 + signal instead of dying mid-cleanup."""
+    received: list[int] = []
+    for sig in EXIT_SIGNALLED:
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return received

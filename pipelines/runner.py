@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 
 def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str], None]) -> int:
@@ -18,7 +19,7 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
 
     job = defs.resolve_job_def("daily_billing")
     failures = 0
-    with open_local_instance() as instance:
+    with open_local_instance() as instance, runs_of_the_workspace(instance):
         for position, day in enumerate(days, start=1):
             started = time.monotonic()
             with day_run_lock(day) as held:
@@ -54,6 +55,33 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
         if failures < len(days):
             refresh_review(instance, echo)
     return failures
+
+
+@contextmanager
+def runs_of_the_workspace(instance) -> Iterator[None]:
+    """Runs created here carry the origin `tally ui` gives their job (workspace.yaml's
+    code location): `execute_in_process` alone records none, and the UI's timeline
+    skips a run without one. Scoped to this instance object, for these runs only."""
+    from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
+    from dagster._core.remote_origin import RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.workspace.load import location_origins_from_yaml_paths
+
+    from resources.db import PROJECT_ROOT
+
+    (location,) = location_origins_from_yaml_paths([str(PROJECT_ROOT / "workspace.yaml")])
+    repository = RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME)
+    create = instance.create_run_for_job
+
+    def create_with_origin(*args, **kwargs):
+        job_def = kwargs.get("job_def", args[0] if args else None)
+        kwargs.setdefault("remote_job_origin", RemoteJobOrigin(repository, job_def.name))
+        return create(*args, **kwargs)
+
+    instance.create_run_for_job = create_with_origin
+    try:
+        yield
+    finally:
+        del instance.create_run_for_job
 
 
 def refresh_review(instance, echo: Callable[[str], None]) -> None:
