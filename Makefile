@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench stop clean
 
 install: $(BIN)/tally
 
@@ -29,5 +29,10 @@ bench: install
 	$(BIN)/python benchmarks/push.py
 	$(BIN)/python benchmarks/reconcile.py
 
-clean:
+# The embedded PostgreSQL and the demo's sandbox outlive `make demo`; this stops them.
+stop:
+	@if [ -x $(BIN)/tally ]; then $(BIN)/tally stop; else echo "no $(BIN)/tally: nothing to stop"; fi
+
+# Stop first: deleting .tally under a running PostgreSQL leaves it serving deleted files.
+clean: stop
 	rm -rf $(VENV) .tally *.egg-info
