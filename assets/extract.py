@@ -331,11 +331,24 @@ def checked_throttle(
 
 
 @dataclass
+class WindowSeen:
+    """What the day's metering saw of its look-back window: the window, how many
+    heartbeats it held (counted just before reading it) and when. A later count
+    above `heartbeats` means late heartbeats (assets/late_heartbeats.py)."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    heartbeats: int
+    counted_at: dt.datetime
+
+
+@dataclass
 class DayExtract:
     heartbeats: HeartbeatColumns
     instances: pd.DataFrame
     throttle: pd.DataFrame
     invalid_throttle: list[InvalidThrottleSetting]
+    seen: WindowSeen | None = None
 
 
 @dataclass
@@ -378,6 +391,18 @@ def _read_settings(
     return _Settings(instances, throttle, invalid_throttle, (window_start, window_end), untrusted)
 
 
+def count_window(
+    connection: psycopg.Connection, window_start: dt.datetime, window_end: dt.datetime
+) -> WindowSeen:
+    """The heartbeats a look-back window holds now (sql/extract/window_count.sql)."""
+    row = connection.execute(
+        load_sql("extract/window_count.sql"),
+        {"window_start": window_start, "window_end": window_end},
+    ).fetchone()
+    count, counted_at = row if row else (0, dt.datetime.now(dt.UTC))
+    return WindowSeen(window_start, window_end, int(count), counted_at)
+
+
 def extract_day(
     control_engine: Engine, usage_date: dt.date, run_time: dt.datetime, rules: LookbackRules
 ) -> DayExtract:
@@ -386,6 +411,7 @@ def extract_day(
     server formats nothing and both cores work); untrusted rows come as text."""
     with raw_connection(control_engine) as connection:
         settings = _read_settings(connection, usage_date, run_time, rules)
+        seen = count_window(connection, *settings.window)
     instances, (window_start, window_end) = settings.instances, settings.window
     categories = instances["instance_id"].astype(str).tolist()
     category_index = {instance_id: code for code, instance_id in enumerate(categories)}
@@ -403,4 +429,4 @@ def extract_day(
             parts.append(_text_rows_to_columns(text_rows, category_index, categories))
     heartbeats = HeartbeatColumns.concat(parts, categories)
     del parts, results
-    return DayExtract(heartbeats, instances, settings.throttle, settings.invalid_throttle)
+    return DayExtract(heartbeats, instances, settings.throttle, settings.invalid_throttle, seen)

@@ -25,14 +25,15 @@ from dagster import (
 from sqlalchemy.engine import Engine
 
 from assets.config import pricing_or_fail
-from assets.extract import HeartbeatColumns, extract_day
+from assets.extract import HeartbeatColumns, WindowSeen, extract_day
 from assets.heartbeat_cleaning import (
     CleanHeartbeats,
     InstanceTable,
     clean_heartbeats,
     instance_table,
 )
-from assets.metering_checks import check_results, materialization_metadata
+from assets.late_heartbeats import find_late_days
+from assets.metering_checks import check_results, late_heartbeats_check, materialization_metadata
 from assets.metering_rules import (
     BILLED_COLUMNS,
     DEFAULT_KNOWN_TIERS,
@@ -51,6 +52,7 @@ from resources.db import (
     read_frame,
     replace_day_rows,
 )
+from resources.settings import RunMode
 
 # ---------------------------------------------------------------------------
 # Pure functions
@@ -344,10 +346,13 @@ def write_billed_usage(
     *,
     run_time: dt.datetime | None = None,
     rules: MeteringRules | None = None,
+    seen: WindowSeen | None = None,
+    run_id: str | None = None,
 ) -> None:
     """Replace the day's rows in one transaction (a re-run replaces, never adds).
     Given the run time, `future` rows of other days that this day judged leave
-    their quarantine in the same transaction."""
+    their quarantine in the same transaction; given what the extract `seen` of the
+    window, billing.metered_days records it (late heartbeats are counted from it)."""
     quarantine_rows = (
         (usage_date, *(None if pd.isna(value) else value for value in row))
         for row in result.quarantine.itertuples(index=False)
@@ -368,6 +373,18 @@ def write_billed_usage(
         )
         if run_time is not None:
             _release_rejudged_future(cursor, usage_date, run_time, rules or MeteringRules())
+        if seen is not None:
+            cursor.execute(
+                load_sql("metering/upsert_metered_day.sql"),
+                {
+                    "usage_date": usage_date,
+                    "window_start": seen.window_start,
+                    "window_end": seen.window_end,
+                    "heartbeats_seen": seen.heartbeats,
+                    "counted_at": seen.counted_at,
+                    "run_id": run_id,
+                },
+            )
 
 
 def read_billed_usage(billing_engine: Engine, usage_date: dt.date) -> pd.DataFrame:
@@ -429,10 +446,19 @@ def current_run_time() -> dt.datetime:
             description="WARN when heartbeats were quarantined or a throttle setting was out "
             "of bounds (that org billed with the default)",
         ),
+        AssetCheckSpec(
+            "no_late_heartbeats",
+            asset="billed_usage",
+            description="WARN when heartbeats arrived for an earlier day (up to "
+            f"{MeteringRules().late_lookback_days} days back) after it was billed; "
+            "`tally late --run` bills them",
+        ),
     ],
     description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
 )
-def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
+def billed_usage(
+    context: AssetExecutionContext, postgres: PostgresResource, run_mode: RunMode
+) -> MaterializeResult:
     usage_date = partition_day(context.partition_key)
     known_tiers = pricing_or_fail().known_tiers  # a bad pricing file fails here, not retried
     run_time = current_run_time()
@@ -451,9 +477,28 @@ def billed_usage(context: AssetExecutionContext, postgres: PostgresResource) -> 
         known_tiers=known_tiers,
     )
     billing_engine = postgres.billing_engine()
-    write_billed_usage(billing_engine, usage_date, result, run_time=run_time, rules=rules)
+    write_billed_usage(
+        billing_engine,
+        usage_date,
+        result,
+        run_time=run_time,
+        rules=rules,
+        # A report-only run pushes nothing: the day stays late until a real run.
+        seen=None if run_mode.report_only else extract.seen,
+        run_id=context.run_id,
+    )
     stored = read_billed_usage(billing_engine, usage_date)
+    late = find_late_days(
+        postgres.control_engine(),
+        billing_engine,
+        usage_date - dt.timedelta(days=rules.late_lookback_days),
+        usage_date - dt.timedelta(days=1),
+        run_time,
+    )
     return MaterializeResult(
         metadata=materialization_metadata(usage_date, stored, extract, result),
-        check_results=check_results(stored, extract, result, run_time, rules, known_tiers),
+        check_results=[
+            *check_results(stored, extract, result, run_time, rules, known_tiers),
+            late_heartbeats_check(late),
+        ],
     )

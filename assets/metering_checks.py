@@ -10,6 +10,7 @@ from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
 
 from assets.extract import DayExtract
 from assets.heartbeat_cleaning import billable_heartbeats
+from assets.late_heartbeats import LateDay
 from assets.markdown import markdown_table
 from assets.metering_rules import SECONDS_COLUMNS, MeteringResult, MeteringRules
 
@@ -140,3 +141,24 @@ def materialization_metadata(
         "over_daily_hours": MetadataValue.float(round(hours["over_daily_seconds"], 3)),
         "preview": MetadataValue.md(_markdown_preview(stored)),
     }
+
+
+def late_heartbeats_check(late: list[LateDay]) -> AssetCheckResult:
+    """WARN when earlier days got heartbeats after they were billed: how many, per
+    day, and which of those days are past the Stripe window (reported, not pushed)."""
+    return AssetCheckResult(
+        check_name="no_late_heartbeats",
+        passed=not late,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "late_days": len(late),
+            "late_heartbeats": sum(day.late_heartbeats for day in late),
+            "by_day": ", ".join(
+                f"{day.usage_date}: {day.late_heartbeats}"
+                + (" (past the Stripe window)" if day.past_stripe_window else "")
+                for day in late
+            )
+            or "none",
+            "fix": "tally late --run" if late else "nothing to do",
+        },
+    )

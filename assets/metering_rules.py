@@ -59,6 +59,8 @@ class MeteringRules:
     default_idle_timeout_s: int = 30 * 60
     # Every throttle limit is at most 24 h: exact only then (DESIGN §3.4).
     max_throttle_limit_s: int = 24 * 3600
+    # How far back each day's metering looks for earlier days' late heartbeats.
+    late_lookback_days: int = 7
 
     def throttle_defaults_s(self) -> dict[str, int]:
         """The limit an org without a (valid) setting gets, by throttle column."""

@@ -135,6 +135,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- late
+
+
+def cmd_late(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.late import find_late, late_line, to_rerun
+
+    _check_databases(migrate=args.run)
+    late = find_late(dt.datetime.now(dt.UTC), args.since)
+    if args.json and not args.run:
+        print(json.dumps([day.as_json() for day in late], indent=2))
+        return EXIT_OK
+    if not late:
+        print("tally late: no day got heartbeats after it was billed")
+        return EXIT_OK
+    print(f"tally late: {len(late)} day(s) got heartbeats after they were billed")
+    for day in late:
+        print(f"  {late_line(day)}")
+    days = to_rerun(late)
+    if not args.run:
+        if days:
+            print("run `tally late --run` to bill them (only the new seconds are pushed)")
+        return EXIT_OK
+    if not days:
+        print("nothing to re-run: every late day is past the Stripe window")
+        return EXIT_OK
+    print(f"re-running {len(days)} day(s) in date order", flush=True)
+    failures = run_days(days, report_only=False, echo=lambda line: print(line, flush=True))
+    if failures:
+        print(f"{failures} of {len(days)} day(s) failed; see `tally status`", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- seed
 
 
@@ -420,6 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute and reconcile; send nothing to providers or by e-mail",
     )
     run.set_defaults(handler=cmd_run)
+
+    late = commands.add_parser(
+        "late", help="days that got heartbeats after they were billed (--run bills them)"
+    )
+    late.add_argument(
+        "--since", type=_date, metavar="YYYY-MM-DD", help="default: 45 days back (UTC)"
+    )
+    late.add_argument(
+        "--run", action="store_true", help="re-run those days in date order (pushes the delta)"
+    )
+    late.add_argument("--json", action="store_true", help="the late days as JSON")
+    late.set_defaults(handler=cmd_late)
 
     demo = commands.add_parser("demo", help="embedded DB + sandbox + seeded week, then report")
     demo.add_argument("--days", type=_count(1), default=7, metavar="N")

@@ -13,9 +13,10 @@ import assets.push
 import assets.quota
 import assets.reconcile
 from pipelines.jobs import daily_billing, issue_credits
+from pipelines.late import late_heartbeats
 from pipelines.logs import tally_console
-from pipelines.run_failure_sensor import run_failure_alerts
 from pipelines.review_refresh import finance_review_after_runs, refresh_finance_review
+from pipelines.run_failure_sensor import run_failure_alerts
 from pipelines.schedules import daily_billing_schedule
 from pipelines.sensors import deadmans_switch, reconciliation_freshness
 from resources.db import PostgresResource
@@ -44,6 +45,7 @@ defs = Definitions(
         deadmans_switch,
         finance_review_after_runs,
         run_failure_alerts,
+        late_heartbeats,
     ],
     resources={
         "postgres": PostgresResource(),

@@ -28,6 +28,7 @@ CHECKS = {
     ("billed_usage", "great_expectations_extract"): True,
     ("billed_usage", "great_expectations_output"): True,
     ("billed_usage", "no_negative_seconds"): True,
+    ("billed_usage", "no_late_heartbeats"): False,
     ("billed_usage", "no_quarantined_heartbeats"): False,
     ("billed_usage", "runtime_identity"): True,
     ("budget_alerts", "no_interrupted_alerts"): False,
@@ -98,6 +99,7 @@ def test_schedule_and_sensors() -> None:
         "deadmans_switch": "RUNNING",
         "run_failure_alerts": "RUNNING",
         "finance_review_after_runs": "RUNNING",
+        "late_heartbeats": "RUNNING",
     }
 
 

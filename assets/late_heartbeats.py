@@ -1,0 +1,93 @@
+"""Late heartbeats: heartbeats appended to a day's look-back window after the day
+was metered (DESIGN §5 `tally late`). The heartbeats table is append-only, so a
+window that holds more heartbeats now than its metering counted has late ones; a
+re-run of that day bills them (the push sends only the delta).
+
+The pure part (`late_days`) decides; the thin readers below it count."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from resources.calendar import past_stripe_window
+
+
+@dataclass(frozen=True)
+class MeteredDay:
+    """A row of billing.metered_days: what the day's last real metering saw."""
+
+    usage_date: dt.date
+    window_start: dt.datetime
+    window_end: dt.datetime
+    heartbeats_seen: int
+    counted_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class LateDay:
+    usage_date: dt.date
+    late_heartbeats: int
+    metered_at: dt.datetime
+    past_stripe_window: bool  # too old to push to Stripe: reported, not re-run
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "usage_date": self.usage_date.isoformat(),
+            "late_heartbeats": self.late_heartbeats,
+            "metered_at": self.metered_at.astimezone(dt.UTC).isoformat(),
+            "past_stripe_window": self.past_stripe_window,
+        }
+
+
+def late_days(counted: Iterable[tuple[MeteredDay, int]], now: dt.datetime) -> list[LateDay]:
+    """Days whose window now holds more heartbeats than their metering saw, in date
+    order. Fewer than seen (rows deleted by retention) is not lateness."""
+    found = [
+        LateDay(
+            day.usage_date,
+            count - day.heartbeats_seen,
+            day.counted_at,
+            past_stripe_window(day.usage_date, now),
+        )
+        for day, count in counted
+        if count > day.heartbeats_seen
+    ]
+    return sorted(found, key=lambda late: late.usage_date)
+
+
+# ---------------------------------------------------------------------------
+# Thin readers: billing.metered_days, and the control plane's heartbeats now
+# ---------------------------------------------------------------------------
+
+
+def read_metered_days(billing_engine, since: dt.date, until: dt.date) -> list[MeteredDay]:
+    from resources.db import load_sql, raw_connection
+
+    with raw_connection(billing_engine) as connection, connection.cursor() as cursor:
+        cursor.execute(load_sql("late/metered_days_exist.sql"))
+        exists = cursor.fetchone()
+        if not (exists and exists[0]):
+            return []
+        cursor.execute(load_sql("late/metered_days.sql"), {"since": since, "until": until})
+        return [MeteredDay(*row[:5]) for row in cursor.fetchall()]
+
+
+def find_late_days(
+    control_engine, billing_engine, since: dt.date, until: dt.date, now: dt.datetime
+) -> list[LateDay]:
+    """Late days among the days metered in [since, until]: one index range count per
+    day on the control plane (heartbeats_sent_at)."""
+    from assets.extract import count_window
+    from resources.db import raw_connection
+
+    metered = read_metered_days(billing_engine, since, until)
+    if not metered:
+        return []
+    with raw_connection(control_engine) as connection:
+        counted = [
+            (day, count_window(connection, day.window_start, day.window_end).heartbeats)
+            for day in metered
+        ]
+    return late_days(counted, now)

@@ -1,0 +1,1 @@
+SELECT to_regclass('billing.metered_days') IS NOT NULL
