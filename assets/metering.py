@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import psycopg
 from dagster import (
+    AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
     MaterializeResult,
@@ -25,7 +26,7 @@ from dagster import (
 from sqlalchemy.engine import Engine
 
 from assets.config import pricing_or_fail
-from assets.extract import HeartbeatColumns, WindowSeen, extract_day
+from assets.extract import HeartbeatColumns, HeartbeatSpill, WindowSeen, extract_day
 from assets.heartbeat_cleaning import (
     CleanHeartbeats,
     InstanceTable,
@@ -53,6 +54,9 @@ from resources.db import (
     replace_day_rows,
 )
 from resources.settings import RunMode
+
+# billing.billed_usage_instances (migration 0014), one row per instance with runtime.
+INSTANCE_COLUMNS = ["org_id", "usage_date", "instance_id", "tier", *SECONDS_COLUMNS]
 
 # ---------------------------------------------------------------------------
 # Pure functions
@@ -228,6 +232,7 @@ def compute_billed_usage(
     per_instance_seconds = pd.DataFrame(
         {
             "org_id": table.org,
+            "instance_id": table.ids,
             "tier": table.tier,
             "runtime_seconds": per_instance(sessions),
             "idle_paused_seconds": per_instance(pauses),
@@ -247,11 +252,26 @@ def compute_billed_usage(
         billed=billed[BILLED_COLUMNS].reset_index(drop=True),
         quarantine=quarantine,
         duplicates_collapsed=duplicates,
+        instances=_instance_rows(per_instance_seconds, usage_date),
+    )
+
+
+def _instance_rows(per_instance_seconds: pd.DataFrame, usage_date: dt.date) -> pd.DataFrame:
+    """billing.billed_usage_instances rows: the per-instance seconds the (org, tier)
+    rows are the sums of, so they add up exactly. An instance's over_daily is its
+    within-limit seconds of the day minus those rule 3.6 bills it (docs/metering.md)."""
+    rows = per_instance_seconds.astype(
+        {"org_id": "str", "instance_id": "str", "tier": "str"}
+        | {column: "int64" for column in SECONDS_COLUMNS}
+    )
+    rows.insert(1, "usage_date", usage_date)
+    return rows.sort_values(["org_id", "instance_id"], kind="stable")[INSTANCE_COLUMNS].reset_index(
+        drop=True
     )
 
 
 def compute_in_org_chunks(
-    heartbeats: HeartbeatColumns | pd.DataFrame,
+    heartbeats: HeartbeatColumns | HeartbeatSpill | pd.DataFrame,
     instances: pd.DataFrame,
     throttle: pd.DataFrame,
     usage_date: dt.date,
@@ -264,7 +284,25 @@ def compute_in_org_chunks(
     """`compute_billed_usage` over groups of whole orgs of at most ~max_rows_per_chunk
     heartbeats each, so working memory stays bounded as instances grow. The daily cap
     is per org and an org never spans two groups, so the result is identical. Rows
-    with a null or unknown instance go to the first group only."""
+    with a null or unknown instance go to the first group only. A spilled extract
+    is metered one spilled group at a time (each read, metered and dropped)."""
+    if isinstance(heartbeats, HeartbeatSpill):
+        spill = heartbeats
+        return _combine(
+            [
+                compute_in_org_chunks(
+                    spill.group(group),
+                    instances[spill.instance_group == group],
+                    throttle,
+                    usage_date,
+                    run_time,
+                    rules,
+                    max_rows_per_chunk,
+                    known_tiers=known_tiers,
+                )
+                for group in range(spill.groups)
+            ]
+        )
     if isinstance(heartbeats, pd.DataFrame):
         heartbeats = HeartbeatColumns.from_frame(heartbeats)
     instance_ids = instances["instance_id"].astype(str).to_numpy(dtype=object)
@@ -296,9 +334,15 @@ def compute_in_org_chunks(
                 known_tiers=known_tiers,
             )
         )
+    return _combine(parts)
+
+
+def _combine(parts: list[MeteringResult]) -> MeteringResult:
+    """The results of groups of whole orgs as one (orgs never span two groups)."""
     if len(parts) == 1:
         return parts[0]
     billed = pd.concat([part.billed for part in parts], ignore_index=True)
+    instance_rows = pd.concat([part.instances for part in parts], ignore_index=True)
     quarantines = [part.quarantine for part in parts if len(part.quarantine)]
     return MeteringResult(
         billed=billed.sort_values(["org_id", "tier"], kind="stable").reset_index(drop=True),
@@ -306,6 +350,9 @@ def compute_in_org_chunks(
             pd.concat(quarantines, ignore_index=True) if quarantines else parts[0].quarantine
         ),
         duplicates_collapsed=sum(part.duplicates_collapsed for part in parts),
+        instances=instance_rows.sort_values(["org_id", "instance_id"], kind="stable").reset_index(
+            drop=True
+        ),
     )
 
 
@@ -362,11 +409,21 @@ def write_billed_usage(
             cursor,
             "billed_usage",
             usage_date,
-            deletes=["metering/delete_billed_usage.sql", "metering/delete_quarantine.sql"],
+            deletes=[
+                "metering/delete_billed_usage.sql",
+                "metering/delete_billed_usage_instances.sql",
+                "metering/delete_quarantine.sql",
+            ],
             copies=[
                 (
                     "metering/copy_billed_usage.sql",
                     result.billed.itertuples(index=False, name=None),
+                ),
+                (
+                    "metering/copy_billed_usage_instances.sql",
+                    result.instances[INSTANCE_COLUMNS].itertuples(index=False, name=None)
+                    if len(result.instances)
+                    else iter(()),
                 ),
                 ("metering/copy_quarantine.sql", quarantine_rows),
             ],
@@ -398,6 +455,27 @@ def read_billed_usage(billing_engine: Engine, usage_date: dt.date) -> pd.DataFra
     return stored
 
 
+def instances_sum_check(billing_engine: Engine, usage_date: dt.date) -> AssetCheckResult:
+    """Blocking: per (org, tier) the stored per-instance rows sum exactly to the
+    stored billed_usage row (a row on one side only is a mismatch)."""
+    with raw_connection(billing_engine) as connection:
+        mismatched = read_frame(
+            connection, "metering/instances_vs_orgs.sql", {"usage_date": usage_date}
+        )
+    return AssetCheckResult(
+        check_name="instances_sum_to_orgs",
+        passed=mismatched.empty,
+        metadata={
+            "usage_date": usage_date.isoformat(),
+            "mismatched_rows": len(mismatched),
+            "mismatched": ", ".join(
+                f"{row.org_id}/{row.tier}" for row in mismatched.head(20).itertuples()
+            )
+            or "none",
+        },
+    )
+
+
 def current_run_time() -> dt.datetime:
     """The run time that judges `future` rows (tests move it)."""
     return dt.datetime.now(dt.UTC)
@@ -411,24 +489,28 @@ def current_run_time() -> dt.datetime:
         AssetCheckSpec(
             "runtime_identity",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             blocking=True,
             description="runtime = idle + over continuous + over daily + billable",
         ),
         AssetCheckSpec(
             "billable_within_daily_limit",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             blocking=True,
             description="no org is billed more than its daily limit on the day",
         ),
         AssetCheckSpec(
             "no_negative_seconds",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             blocking=True,
             description="no seconds column of any row is negative",
         ),
         AssetCheckSpec(
             "great_expectations_extract",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             blocking=True,
             description="Great Expectations on a spread sample of the heartbeats that reach "
             "billing: instance, time and org present, tier priced; instance ids unique",
@@ -436,19 +518,30 @@ def current_run_time() -> dt.datetime:
         AssetCheckSpec(
             "great_expectations_output",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             blocking=True,
             description="Great Expectations on the stored rows: one row per (org, tier), "
             "tier priced, org present, no negative seconds",
         ),
         AssetCheckSpec(
+            "instances_sum_to_orgs",
+            asset="billed_usage",
+            partitions_def=daily_partitions,
+            blocking=True,
+            description="billing.billed_usage_instances sums exactly to billing.billed_usage "
+            "per (org, tier), every seconds column",
+        ),
+        AssetCheckSpec(
             "no_quarantined_heartbeats",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             description="WARN when heartbeats were quarantined or a throttle setting was out "
             "of bounds (that org billed with the default)",
         ),
         AssetCheckSpec(
             "no_late_heartbeats",
             asset="billed_usage",
+            partitions_def=daily_partitions,
             description="WARN when heartbeats arrived for an earlier day (up to "
             f"{MeteringRules().late_lookback_days} days back) after it was billed; "
             "`tally late --run` bills them",
@@ -499,6 +592,7 @@ def billed_usage(
         metadata=materialization_metadata(usage_date, stored, extract, result),
         check_results=[
             *check_results(stored, extract, result, run_time, rules, known_tiers),
+            instances_sum_check(billing_engine, usage_date),
             late_heartbeats_check(late),
         ],
     )

@@ -4,7 +4,7 @@ bounds), why a heartbeat is quarantined, the billed columns, and whole-second
 time. A leaf: no Dagster, no I/O."""
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -100,6 +100,9 @@ class MeteringResult:
     billed: pd.DataFrame
     quarantine: pd.DataFrame
     duplicates_collapsed: int
+    # The same seconds per instance (`assets.metering.INSTANCE_COLUMNS`); they sum
+    # exactly to `billed` per (org, tier).
+    instances: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def epoch_seconds(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ CHECKS = {
     ("billed_usage", "billable_within_daily_limit"): True,
     ("billed_usage", "great_expectations_extract"): True,
     ("billed_usage", "great_expectations_output"): True,
+    ("billed_usage", "instances_sum_to_orgs"): True,
     ("billed_usage", "no_negative_seconds"): True,
     ("billed_usage", "no_late_heartbeats"): False,
     ("billed_usage", "no_quarantined_heartbeats"): False,

@@ -1,0 +1,1 @@
+DELETE FROM billing.billed_usage_instances WHERE usage_date = %(usage_date)s
