@@ -345,6 +345,7 @@ def settle_and_send(
         AssetCheckSpec(
             "no_interrupted_alerts",
             asset="budget_alerts",
+            partitions_def=daily_partitions,
             description="WARN when a run died while handing an alert to SMTP (not re-sent)",
         )
     ],

@@ -341,6 +341,7 @@ def write_quota_usage(
         AssetCheckSpec(
             "orgs_have_known_plans",
             asset="quota_usage",
+            partitions_def=daily_partitions,
             blocking=True,
             description="every org's plan is priced (TALLY_PRICING_FILE or the defaults)",
         )

@@ -590,6 +590,7 @@ def _run_started_at(context: AssetExecutionContext, fallback: dt.datetime) -> dt
         AssetCheckSpec(
             "no_unexplained_discrepancies",
             asset="reconciliation",
+            partitions_def=daily_partitions,
             description=(
                 "ERROR when a money-moving discrepancy is unexplained (unpushed, provider "
                 "missing/under/over, tier mismatch, cap exceeded, push window expired); "
@@ -599,6 +600,7 @@ def _run_started_at(context: AssetExecutionContext, fallback: dt.datetime) -> dt
         AssetCheckSpec(
             "usage_counters_fresh",
             asset="reconciliation",
+            partitions_def=daily_partitions,
             description="WARN: control-plane counters missing for the day or not updated in 2 days",
         ),
     ],

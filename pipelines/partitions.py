@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import warnings
 
-from dagster import DailyPartitionsDefinition
+from dagster import DailyPartitionsDefinition, PreviewWarning
 
 from resources.settings import SettingInvalid
+
+# The daily assets' checks share `daily_partitions` so each result names its day (a
+# preview in Dagster 1.13); say so once here, not on every command's import.
+warnings.filterwarnings(
+    "ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=PreviewWarning
+)
 
 
 def default_first_day(today: dt.date) -> dt.date:
