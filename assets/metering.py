@@ -490,14 +490,12 @@ def current_run_time() -> dt.datetime:
             "runtime_identity",
             asset="billed_usage",
             partitions_def=daily_partitions,
-            partitions_def=daily_partitions,
             blocking=True,
             description="runtime = idle + over continuous + over daily + billable",
         ),
         AssetCheckSpec(
             "billable_within_daily_limit",
             asset="billed_usage",
-            partitions_def=daily_partitions,
             partitions_def=daily_partitions,
             blocking=True,
             description="no org is billed more than its daily limit on the day",
@@ -506,14 +504,12 @@ def current_run_time() -> dt.datetime:
             "no_negative_seconds",
             asset="billed_usage",
             partitions_def=daily_partitions,
-            partitions_def=daily_partitions,
             blocking=True,
             description="no seconds column of any row is negative",
         ),
         AssetCheckSpec(
             "great_expectations_extract",
             asset="billed_usage",
-            partitions_def=daily_partitions,
             partitions_def=daily_partitions,
             blocking=True,
             description="Great Expectations on a spread sample of the heartbeats that reach "
@@ -523,7 +519,6 @@ def current_run_time() -> dt.datetime:
             "great_expectations_output",
             asset="billed_usage",
             partitions_def=daily_partitions,
-            partitions_def=daily_partitions,
             blocking=True,
             description="Great Expectations on the stored rows: one row per (org, tier), "
             "tier priced, org present, no negative seconds",
@@ -531,7 +526,6 @@ def current_run_time() -> dt.datetime:
         AssetCheckSpec(
             "instances_sum_to_orgs",
             asset="billed_usage",
-            partitions_def=daily_partitions,
             partitions_def=daily_partitions,
             blocking=True,
             description="billing.billed_usage_instances sums exactly to billing.billed_usage "
@@ -541,14 +535,12 @@ def current_run_time() -> dt.datetime:
             "no_quarantined_heartbeats",
             asset="billed_usage",
             partitions_def=daily_partitions,
-            partitions_def=daily_partitions,
             description="WARN when heartbeats were quarantined or a throttle setting was out "
             "of bounds (that org billed with the default)",
         ),
         AssetCheckSpec(
             "no_late_heartbeats",
             asset="billed_usage",
-            partitions_def=daily_partitions,
             partitions_def=daily_partitions,
             description="WARN when heartbeats arrived for an earlier day (up to "
             f"{MeteringRules().late_lookback_days} days back) after it was billed; "
