@@ -33,12 +33,16 @@ class DiscrepancyKind(StrEnum):
     PROVIDER_MISSING = "provider_missing"
     PROVIDER_UNDER = "provider_under"
     PROVIDER_OVER = "provider_over"
+    PROVIDER_SETTLING = "provider_settling"
     TIER_MISMATCH = "tier_mismatch"
     COUNTER_DRIFT = "counter_drift"
     MISSING_COUNTER = "missing_counter"
     CAP_EXCEEDED = "cap_exceeded"
     PUSH_WINDOW_EXPIRED = "push_window_expired"
     PLAN_MISMATCH = "plan_mismatch"
+    UNKNOWN_CUSTOMER = "unknown_customer"
+    PUSHED_AFTER_FINALIZATION = "pushed_after_finalization"
+    INVOICE_MISMATCH = "invoice_mismatch"
     STUCK_INSTANCE = "stuck_instance"
     ZOMBIE_INSTANCE = "zombie_instance"
 
@@ -58,6 +62,9 @@ MONEY_MOVING = frozenset(
         DiscrepancyKind.TIER_MISMATCH,
         DiscrepancyKind.CAP_EXCEEDED,
         DiscrepancyKind.PUSH_WINDOW_EXPIRED,
+        DiscrepancyKind.UNKNOWN_CUSTOMER,
+        DiscrepancyKind.PUSHED_AFTER_FINALIZATION,
+        DiscrepancyKind.INVOICE_MISMATCH,
     }
 )
 
@@ -97,6 +104,7 @@ INPUT_COLUMNS = {
     "zombies": ["instance_id", "heartbeats", "first_at", "last_at"],
     "credits": ["proposal_id", "org_id", "tier", "kind", "provider", "seconds", "amount", "status"],
     "explanations": ["kind", "org_id", "tier", "explanation", "explained_by"],
+    "activity": ["provider", "customer_id", "last_sent_at", "last_cancel_at"],
 }
 
 
@@ -126,6 +134,7 @@ class ReconcileInputs:
     zombies: pd.DataFrame | None = None
     credits: pd.DataFrame | None = None
     explanations: pd.DataFrame | None = None
+    activity: pd.DataFrame | None = None
     report_only: bool = False
 
     def get(self, name: str) -> pd.DataFrame:

@@ -4,6 +4,7 @@ customers asked for in groups and narrowed down only where a total differs from
 the ledger. Also the providers' subscription plans, for plan_mismatch."""
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 
 from assets.config import pricing_or_fail
 from assets.discrepancy import INPUT_COLUMNS, with_columns
+from assets.settlement import SettlementRules, activity_by_target, unsettled_targets
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.db import (
@@ -221,6 +223,24 @@ def write_provider_usage(
         )
 
 
+def _ledger_totals(sent: pd.DataFrame) -> dict[tuple[str, str, str], int]:
+    """What the ledger sent per (provider, customer, tier), all orgs together."""
+    totals: dict[tuple[str, str, str], int] = {}
+    for row in sent.itertuples(index=False):
+        key = (str(row.provider), str(row.customer_id), str(row.tier))
+        totals[key] = totals.get(key, 0) + int(row.seconds)
+    return totals
+
+
+def _recorded_totals(usage: pd.DataFrame) -> dict[tuple[str, str, str], int]:
+    """What the providers hold per (provider, customer, tier) (attributed rows summed)."""
+    totals: dict[tuple[str, str, str], int] = {}
+    for row in usage.itertuples(index=False):
+        key = (str(row.provider), str(row.customer_id), str(row.tier))
+        totals[key] = totals.get(key, 0) + int(row.seconds)
+    return totals
+
+
 @asset(
     partitions_def=daily_partitions,
     group_name="reconcile",
@@ -248,10 +268,32 @@ def provider_usage(
     if sent.empty:
         sent = pd.DataFrame(columns=["org_id", "provider", "customer_id", "tier", "seconds"])
     tiers = pricing_or_fail().tiers_by_price()
+    request = DayToRead(usage_date, orgs, sent, tiers, run_mode.report_only)
+    settlement = SettlementRules.from_env()
+    with raw_connection(billing_engine) as connection:
+        activity = activity_by_target(read_frame(connection, "settlement/activity.sql", params))
     try:
-        usage, reads, plans, stats = read_providers(
-            DayToRead(usage_date, orgs, sent, tiers, run_mode.report_only), providers
-        )
+        usage, reads, plans, stats = read_providers(request, providers)
+        # While what the provider shows differs in a shape its processing lag
+        # explains, read again (at most `settlement.wait`): the day converges here
+        # instead of reporting usage that is on its way.
+        started = time.monotonic()
+        polls = 0
+        waiting: set[tuple[str, str]] = set()
+        while not run_mode.report_only:
+            waiting = unsettled_targets(
+                _ledger_totals(sent),
+                _recorded_totals(usage),
+                activity,
+                dt.datetime.now(dt.UTC),
+                settlement,
+            )
+            left = settlement.wait.total_seconds() - (time.monotonic() - started)
+            if not waiting or left <= 0:
+                break
+            time.sleep(min(settlement.poll.total_seconds(), left))
+            polls += 1
+            usage, reads, plans, stats = read_providers(request, providers)
     except ProviderConfigError as error:  # a missing key: retrying cannot help
         raise Failure(description=str(error), allow_retries=False) from None
     except ProviderError as error:
@@ -276,6 +318,9 @@ def provider_usage(
         "plans_read": len(plans),
         "report_only": run_mode.report_only,
         "kept_real_reads": kept,
+        "settle_polls": polls,
+        "settle_waited_s": MetadataValue.float(round(time.monotonic() - started, 1)),
+        "still_settling": ", ".join(f"{p}:{c}" for p, c in sorted(waiting)) or "none",
     }
     for read in reads:
         metadata[f"{read['provider']}_status"] = read["status"]

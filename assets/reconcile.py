@@ -61,6 +61,7 @@ from assets.discrepancy import (
 from assets.finance import reconciliation_metadata
 from assets.instance_anomalies import instance_discrepancies
 from assets.pricing import Pricing
+from assets.settlement import SettlementRules, activity_by_target, settle_lagging
 from pipelines.freshness import record_reconciliation
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
@@ -455,6 +456,7 @@ def compute_discrepancies(
     inputs: ReconcileInputs,
     pricing: Pricing | None = None,
     rules: ReconcileRules | None = None,
+    settlement: SettlementRules | None = None,
 ) -> pd.DataFrame:
     """Every discrepancy of the day (DESIGN §8), one row each, DISCREPANCY_COLUMNS."""
     pricing = pricing or Pricing()
@@ -463,6 +465,13 @@ def compute_discrepancies(
     rows += plan_discrepancies(inputs, pricing, rules)
     rows += instance_discrepancies(inputs, pricing, rules)
     frame = pd.DataFrame(rows, columns=DISCREPANCY_COLUMNS, dtype=object)
+    # What the provider may still be processing is settling, not money moved.
+    frame = settle_lagging(
+        frame,
+        activity_by_target(inputs.get("activity")),
+        inputs.now,
+        settlement or SettlementRules(),
+    )
     # Counted once: the day refines the kinds' money-moving flag (assets/discrepancy.py).
     frame = settle_money_moving(frame, org_facts(inputs, rules), pricing)
     frame = _apply_explanations(frame, inputs.get("explanations"))
@@ -518,6 +527,7 @@ def load_inputs(
             zombies=read_frame(connection, "reconcile/zombies.sql", params),
             credits=read_frame(connection, "reconcile/credits.sql", params),
             explanations=read_frame(connection, "reconcile/explanations.sql", params),
+            activity=read_frame(connection, "settlement/activity.sql", params),
         )
     return inputs, with_columns(counters, "counters"), as_utc(latest)
 
@@ -626,7 +636,7 @@ def reconciliation(
                 "provider_usage for this partition first (or run the daily_billing job)"
             )
         )
-    discrepancies = compute_discrepancies(inputs, pricing, rules)
+    discrepancies = compute_discrepancies(inputs, pricing, rules, SettlementRules.from_env())
     # Report-only on a day a real run reconciled: show what it finds, replace nothing
     # (the real run's discrepancies, explanations and proposals are what people act on).
     kept = run_mode.report_only and bool((inputs.get("reads")["status"] != "skipped").any())

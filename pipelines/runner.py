@@ -52,9 +52,22 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
                 failures += 1
                 for step, message in failure_messages(result):
                     echo(f"    {step}: {message}")
+        if not report_only:
+            failures += _resettle_earlier_days(instance, job, days, echo)
         if failures < len(days):
             refresh_review(instance, echo)
     return failures
+
+
+def _resettle_earlier_days(instance, job, days: Sequence[dt.date], echo) -> int:
+    """Earlier days still settling are re-read and re-reconciled after the run's own
+    days (pipelines/settling.py); their failures count with the run's."""
+    from pipelines.settling import resettle, settling_days
+    from resources.db import billing_engine
+
+    today = dt.datetime.now(dt.UTC).date()
+    earlier = settling_days(billing_engine(), today, skip=set(days))
+    return resettle(instance, job, earlier, echo) if earlier else 0
 
 
 @contextmanager

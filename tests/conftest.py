@@ -22,6 +22,10 @@ os.environ["TALLY_STEP_RETRY_DELAY_S"] = "0.05"
 # Tests meter fixed days back to 2025 (month boundaries, backfills); production
 # partitions start two months back unless TALLY_FIRST_DAY says otherwise.
 os.environ["TALLY_FIRST_DAY"] = "2020-01-01"
+# The sandbox processes usage at once unless a test sets processing_delay_s, so the
+# suite reconciles as if every push had settled; the settlement tests
+# (tests/test_settling.py) set the production window themselves.
+os.environ["TALLY_SETTLE_WINDOW_S"] = "0"
 for variable in ("DATABASE_URL", "BILLING_DATABASE_URL"):
     os.environ.pop(variable, None)
 

@@ -145,13 +145,15 @@ def test_failed_invariant_blocks(engine):
     assert results["no_negative_seconds"][0]
 
 
-def test_schedule_asks_for_yesterday_at_0200():
+def test_schedule_asks_for_yesterday_at_0200(engine):
     schedule = defs.get_repository_def().get_schedule_def("daily_billing_schedule")
     assert schedule.cron_schedule == "0 2 * * *"
     assert schedule.execution_timezone in (None, "UTC")
     tick = dt.datetime(2026, 11, 27, 2, 0, tzinfo=dt.UTC)
     context = build_schedule_context(
-        scheduled_execution_time=tick, repository_def=defs.get_repository_def()
+        scheduled_execution_time=tick,
+        repository_def=defs.get_repository_def(),
+        resources={"postgres": PostgresResource()},  # no day settling: yesterday only
     )
     requests = list(schedule.evaluate_tick(context).run_requests)
     assert [request.partition_key for request in requests] == ["2026-11-26"]

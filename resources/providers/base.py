@@ -22,6 +22,12 @@ class Provider(StrEnum):
     STRIPE = "stripe"
     POLAR = "polar"
 
+    @property
+    def processes_asynchronously(self) -> bool:
+        """Accepted usage and cancels reach the provider's summaries only later
+        (Stripe: "eventually consistent"); Polar counts an event once ingested."""
+        return self is Provider.STRIPE
+
 
 class SendStatus(StrEnum):
     SENT = "sent"
@@ -35,6 +41,7 @@ class CorrectionMethod(StrEnum):
 
     STRIPE_BALANCE_TRANSACTION = "stripe_balance_transaction"
     MANUAL = "manual"
+    INCLUDED_HOURS = "included_hours"  # $0: inside included hours, nothing sent
 
 
 def usable_customer_id(value: object) -> str | None:

@@ -1,0 +1,1 @@
+SELECT to_regclass('billing.discrepancies') IS NOT NULL
