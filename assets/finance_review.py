@@ -75,7 +75,8 @@ class ProposalLine:
     kind: str
     tier: str
     hours: float
-    amount: Decimal | None
+    amount: Decimal | None  # at list rates
+    net_amount: Decimal | None  # net of included hours: what would be handed back
     escalation: str
     age_days: int
 
@@ -139,7 +140,7 @@ class FinanceReview:
 
     @property
     def credits_to_approve(self) -> Decimal:
-        return sum((line.amount or ZERO for line in self.proposals), ZERO)
+        return sum((_net(line) or ZERO for line in self.proposals), ZERO)
 
     @property
     def at_risk_leakage(self) -> Decimal:
@@ -180,6 +181,11 @@ def _names(orgs: pd.DataFrame) -> dict[str, str]:
     return {str(row.org_id): str(row.name) for row in orgs.itertuples(index=False)}
 
 
+def _net(line: ProposalLine) -> Decimal | None:
+    """Net of included hours; a proposal not yet priced net counts at list."""
+    return line.net_amount if line.net_amount is not None else line.amount
+
+
 def _proposal_lines(inputs: ReviewInputs, names: dict[str, str]) -> list[ProposalLine]:
     lines = []
     for row in inputs.proposals.itertuples(index=False):
@@ -194,6 +200,7 @@ def _proposal_lines(inputs: ReviewInputs, names: dict[str, str]) -> list[Proposa
                 tier=str(row.tier),
                 hours=hours_1(int(row.seconds)),
                 amount=_decimal(row.amount),
+                net_amount=_decimal(row.net_amount),
                 escalation=as_text(row.escalation) or "",
                 age_days=(inputs.today - created).days,
             )
@@ -346,8 +353,9 @@ PROPOSAL_TABLE = [
     ("kind", "string", "what the credit hands back"),
     ("tier", "string", "tier"),
     ("hours", "float", "hours credited"),
-    *_money_columns("amount", "credit amount"),
-    ("escalation", "string", "who must approve"),
+    *_money_columns("amount", "credit amount at list rates"),
+    *_money_columns("net_amount", "credit net of included hours (what is handed back)"),
+    ("escalation", "string", "who must approve (by the net amount)"),
     ("age_days", "int", "days since proposed"),
 ]
 DISCREPANCY_TABLE = [
@@ -411,6 +419,7 @@ def proposal_records(review: FinanceReview) -> list[dict[str, Any]]:
             "tier": line.tier,
             "hours": line.hours,
             **_money("amount", line.amount),
+            **_money("net_amount", _net(line)),
             "escalation": line.escalation,
             "age_days": line.age_days,
         }
@@ -526,6 +535,7 @@ _FRAMES = {
         "kind",
         "seconds",
         "amount",
+        "net_amount",
         "escalation",
         "created_at",
     ],

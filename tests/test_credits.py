@@ -27,19 +27,29 @@ from assets.push import usage_push
 from assets.reconcile import reconciliation
 from pipelines.jobs import issue_credits
 from resources.db import PostgresResource
+from resources.notify import SmtpResource
 from resources.providers import ProvidersResource
 
 
-def issue(proposal_ids, approver="lead@example.com", raise_on_error=True):
+def issue(proposal_ids, approver="lead@example.com", raise_on_error=True, ticket="SUP-1"):
+    # lead@example.com is a support_lead on the repository's roster (config/approvers.toml).
     return issue_credits.execute_in_process(
         run_config={
             "ops": {
                 "apply_credits": {
-                    "config": {"proposal_ids": list(proposal_ids), "approver": approver}
+                    "config": {
+                        "proposal_ids": list(proposal_ids),
+                        "approver": approver,
+                        "ticket": ticket,
+                    }
                 }
             }
         },
-        resources={"postgres": PostgresResource(), "providers": ProvidersResource()},
+        resources={
+            "postgres": PostgresResource(),
+            "providers": ProvidersResource(),
+            "smtp": SmtpResource(),
+        },
         raise_on_error=raise_on_error,
     )
 
@@ -284,5 +294,7 @@ def test_proposals_are_withdrawn_when_the_over_charge_is_gone_and_push_rows_pric
             "customer_id": "c",
             "escalation": "support_agent",
             "systemic": False,
+            "net_amount": Decimal("0.40"),
+            "included_seconds": 0,
         }
     ]

@@ -277,14 +277,18 @@ class PolarProvider:
     def apply_credit(
         self, customer_id: str, amount_cents: int, currency: str, description: str, proposal_id: int
     ) -> CreditResult:
-        """Polar has no customer-balance credit in its API (the sandbox serves none):
-        the correction is recorded for a person to apply in the Polar dashboard."""
+        """Polar's API (2026-10, ../shared/reference/polar-orders-customers.json) has no
+        customer credit: customer meters are read-only, there is no /v1/credits, and
+        meter credits come only from `meter_credit` benefits granted through products.
+        The correction is recorded for a person to apply, with the steps."""
         return CreditResult(
             CorrectionMethod.MANUAL,
             None,
-            "Polar's API has no customer credit; refund or discount "
-            f"{amount_cents / 100:.2f} {currency.upper()} for customer {customer_id} "
-            "in the Polar dashboard",
+            "Polar's API has no customer credit; in the Polar dashboard refund "
+            f"{amount_cents / 100:.2f} {currency.upper()} on customer {customer_id}'s order "
+            "for the period of the usage day (Sales → Orders → Refund), or discount their "
+            f"next order by that amount, and note the refund on the ticket (tally credit "
+            f"#{proposal_id})",
         )
 
     # -- doctor ------------------------------------------------------------------
