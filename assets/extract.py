@@ -4,9 +4,11 @@ heartbeats of one day's look-back window, as compact columns (DESIGN §3).
 Throttle settings are checked per org here (`checked_throttle`): a value outside
 1..24 h is replaced by metering's default and reported, never an error.
 
-The window streams as binary COPY (fixed 40-byte rows parsed straight into numpy)
-in two time slices on two connections at once; rows whose instance id is null or
-unknown, and untrusted rows outside the window, come back as text. Which window a
+The window is read through the ADBC PostgreSQL driver (binary COPY decoded into
+Arrow in native code) in two time slices on two connections at once, and each
+record batch is split into Arrow files per group of whole orgs under
+`TALLY_HOME/spill`, so metering holds one group at a time. Untrusted rows outside
+the window come through psycopg (few). Which window a
 day needs is metering's rule (`MeteringRules.lookback_window`); this module only
 asks for it through `LookbackRules`, so it never imports metering.
 """
@@ -14,17 +16,26 @@ asks for it through `LookbackRules`, so it never imports metering.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import tempfile
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+import adbc_driver_postgresql.dbapi as adbc_dbapi
 import numpy as np
 import pandas as pd
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy.engine import Engine
 
 from resources.calendar import day_bounds
-from resources.db import load_sql, raw_connection, read_frame
+from resources.db import libpq_uri, load_sql, raw_connection, read_frame, tally_home
 
 _NAT = np.iinfo(np.int64).min  # NaT as int64 microseconds
 
@@ -106,108 +117,201 @@ def _micros(values: pd.Series) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Binary COPY
+# The window through ADBC, spilled per group of whole orgs
 # ---------------------------------------------------------------------------
 
-# Binary COPY row of extract_heartbeats_binary.sql: field count, then (length, value)
-# for code int4, sent_at timestamptz, active int2, received_at timestamptz.
-_BINARY_ROW = np.dtype(
+_SPILL_SCHEMA = pa.schema(
     [
-        ("fields", ">i2"),
-        ("code_len", ">i4"),
-        ("code", ">i4"),
-        ("sent_len", ">i4"),
-        ("sent", ">i8"),
-        ("active_len", ">i4"),
-        ("active", ">i2"),
-        ("received_len", ">i4"),
-        ("received", ">i8"),
+        ("code", pa.int32()),
+        ("sent_us", pa.int64()),
+        ("active", pa.int8()),
+        ("received_us", pa.int64()),
     ]
 )
-_BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in Unix microseconds
-_PARSE_BLOCK = 8 << 20
+_BATCH_HINT_BYTES = 16 << 20  # ADBC record batches of about this size (a few 100k rows)
+DEFAULT_ROWS_PER_GROUP = 2_000_000
 
 
-def _parse_binary_block(buffer: bytearray, final: bool) -> tuple[HeartbeatColumns, int]:
-    rows = len(buffer) // _BINARY_ROW.itemsize
-    if final:
-        trailer = bytes(buffer[rows * _BINARY_ROW.itemsize :])
-        if trailer != b"\xff\xff":
-            raise RuntimeError(f"unexpected end of binary COPY stream ({trailer[:8]!r})")
-    block = np.frombuffer(buffer, dtype=_BINARY_ROW, count=rows)
-    if rows and not (
-        (block["fields"] == 4).all()
-        and (block["code_len"] == 4).all()
-        and (block["sent_len"] == 8).all()
-        and (block["active_len"] == 2).all()
-        and (block["received_len"] == 8).all()
-    ):
-        raise RuntimeError("binary COPY rows are not the expected 40-byte layout")
-    columns = HeartbeatColumns(
-        code=block["code"].astype(np.int32),
-        sent_us=block["sent"].astype(np.int64) + _PG_EPOCH_US,
-        active=block["active"].astype(np.int8),
-        received_us=block["received"].astype(np.int64) + _PG_EPOCH_US,
+def org_groups(
+    instances: pd.DataFrame, rows_per_instance: float, rows_per_group: int
+) -> np.ndarray:
+    """The group of each instance row: whole orgs in org order, about `rows_per_group`
+    heartbeats a group given `rows_per_instance` (the window's count ÷ instances).
+    The daily cap is per org and an org never spans two groups, so metering group by
+    group is exact."""
+    if instances.empty:
+        return np.empty(0, dtype=np.int32)
+    org_codes, _ = pd.factorize(instances["org_id"].astype(str), sort=True)
+    per_org = np.bincount(org_codes).astype(np.float64) * max(rows_per_instance, 1.0)
+    group_of_org = ((np.cumsum(per_org) - per_org) // max(rows_per_group, 1)).astype(np.int32)
+    _, dense = np.unique(group_of_org, return_inverse=True)  # no empty groups
+    return dense.astype(np.int32)[org_codes]
+
+
+class HeartbeatSpill:
+    """The window's heartbeats as compact columns in Arrow IPC files under
+    `TALLY_HOME/spill`, one set of files per group of whole orgs, so only one group
+    is in memory at a time. Codes index `categories` (instance ids, then ids no
+    instance has; -1 null id); unknown and null ids are in group 0. The directory is
+    removed when the object is closed or collected."""
+
+    def __init__(self, directory: Path, categories: list[str], instance_group: np.ndarray):
+        self.directory = directory
+        self.categories = categories
+        self.instance_group = instance_group  # per instances row
+        self.groups = int(instance_group.max()) + 1 if len(instance_group) else 1
+        self._files: list[list[Path]] = [[] for _ in range(self.groups)]
+        self._rows = np.zeros(self.groups, dtype=np.int64)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, directory, True)
+
+    def __len__(self) -> int:
+        return int(self._rows.sum())
+
+    def rows_per_group(self) -> np.ndarray:
+        return self._rows.copy()
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _writers(self, part: int) -> _GroupWriters:
+        paths = [
+            self.directory / f"group-{group:05d}-part-{part}.arrow" for group in range(self.groups)
+        ]
+        for group, path in enumerate(paths):
+            self._files[group].append(path)
+        return _GroupWriters(paths)
+
+    def _record(self, rows: np.ndarray) -> None:
+        self._rows += rows
+
+    def group(self, group: int) -> HeartbeatColumns:
+        """One group's heartbeats, in the order they were read (time slice by slice)."""
+        parts = []
+        for path in self._files[group]:
+            if path.exists():
+                with pa.OSFile(str(path), "rb") as source:
+                    parts.append(pa.ipc.open_file(source).read_all())
+        table = pa.concat_tables(parts) if parts else _SPILL_SCHEMA.empty_table()
+        columns = {
+            name: np.ascontiguousarray(table.column(name).to_numpy())
+            for name in _SPILL_SCHEMA.names
+        }
+        return HeartbeatColumns(categories=self.categories, **columns)
+
+    def take(self, rows: np.ndarray) -> HeartbeatColumns:
+        """Rows by position in the groups laid end to end (the checks' spread sample)."""
+        starts = np.concatenate([[0], np.cumsum(self._rows)])
+        parts = []
+        for group in range(self.groups):
+            inside = rows[(rows >= starts[group]) & (rows < starts[group + 1])]
+            if len(inside):
+                parts.append(self.group(group).take(inside - starts[group]))
+        return HeartbeatColumns.concat(parts, self.categories)
+
+
+class _GroupWriters:
+    """One Arrow IPC file writer per group, opened on first write."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self.rows = np.zeros(len(paths), dtype=np.int64)
+
+    def write(self, group_of_row: np.ndarray, columns: HeartbeatColumns) -> None:
+        order = np.argsort(group_of_row, kind="stable")
+        sorted_groups = group_of_row[order]
+        bounds = np.searchsorted(sorted_groups, np.arange(len(self.paths) + 1))
+        arrays = [columns.code, columns.sent_us, columns.active, columns.received_us]
+        for group in map(int, np.flatnonzero(np.diff(bounds))):
+            picked = order[bounds[group] : bounds[group + 1]]
+            writer = self.writers.get(group)
+            if writer is None:
+                writer = self.writers[group] = pa.ipc.new_file(
+                    str(self.paths[group]), _SPILL_SCHEMA
+                )
+            writer.write_batch(
+                pa.record_batch([pa.array(array[picked]) for array in arrays], schema=_SPILL_SCHEMA)
+            )
+            self.rows[group] += len(picked)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class _Coder:
+    """Instance id → code, shared by the reading threads; ids no instance has get
+    new codes (they are quarantined with the id they carried)."""
+
+    def __init__(self, categories: list[str], instance_group: np.ndarray):
+        self.categories = categories
+        self.known = pa.array(categories, type=pa.string())
+        self.index = {instance_id: code for code, instance_id in enumerate(categories)}
+        self.group = instance_group
+        self.lock = threading.Lock()
+
+    def codes(self, ids: pa.Array) -> np.ndarray:
+        found = pc.index_in(ids, value_set=self.known)
+        codes = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+        missing = np.flatnonzero(found.is_null().to_numpy(zero_copy_only=False))
+        if len(missing):
+            values = ids.take(pa.array(missing)).to_pylist()
+            with self.lock:
+                for position, instance_id in zip(missing, values, strict=True):
+                    if instance_id is None:
+                        continue
+                    code = self.index.get(instance_id)
+                    if code is None:
+                        code = self.index[instance_id] = len(self.categories)
+                        self.categories.append(instance_id)
+                    codes[position] = code
+        return codes
+
+    def groups(self, codes: np.ndarray) -> np.ndarray:
+        known = (codes >= 0) & (codes < len(self.group))
+        return np.where(known, self.group[np.where(known, codes, 0)], 0).astype(np.int32)
+
+
+def _stamps_us(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    micros = pc.cast(values, pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    return micros.fill_null(_NAT).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _batch_columns(batch: pa.RecordBatch, coder: _Coder) -> HeartbeatColumns:
+    active = batch.column("active")
+    return HeartbeatColumns(
+        code=coder.codes(batch.column("instance_id")),
+        sent_us=_stamps_us(batch.column("sent_at")),
+        active=np.where(
+            active.is_null().to_numpy(zero_copy_only=False),
+            2,
+            active.fill_null(False).to_numpy(zero_copy_only=False),
+        ).astype(np.int8),
+        received_us=_stamps_us(batch.column("received_at")),
         categories=[],
     )
-    del block
-    return columns, rows * _BINARY_ROW.itemsize
 
 
-def _load_instance_codes(cursor: psycopg.Cursor, codes: pd.DataFrame) -> None:
-    """The temporary (instance_id → code) table the binary extract joins on."""
-    cursor.execute(load_sql("extract/codes_table.sql"))
-    with cursor.copy(load_sql("extract/codes_copy.sql")) as copy:
-        for instance_id, code in codes.itertuples(index=False):
-            copy.write_row((instance_id, code))
-    cursor.execute(load_sql("extract/codes_analyze.sql"))
-
-
-def _read_binary_copy(cursor: psycopg.Cursor, params: dict) -> list[HeartbeatColumns]:
-    """extract_heartbeats_binary.sql as blocks of columns, parsed as the stream comes."""
-    parts: list[HeartbeatColumns] = []
-    buffer = bytearray()
-    header_done = False
-    with cursor.copy(load_sql("extract/heartbeats_binary.sql"), params) as copy:
-        for chunk in copy:
-            buffer += chunk
-            if not header_done and len(buffer) >= 19:
-                if bytes(buffer[:11]) != _BINARY_SIGNATURE:
-                    raise RuntimeError("not a PostgreSQL binary COPY stream")
-                extension = int.from_bytes(buffer[15:19], "big")
-                del buffer[: 19 + extension]
-                header_done = True
-            if header_done and len(buffer) >= _PARSE_BLOCK:
-                block, used = _parse_binary_block(buffer, final=False)
-                parts.append(block)
-                del buffer[:used]
-    if header_done:
-        block, used = _parse_binary_block(buffer, final=True)
-        parts.append(block)
-    return parts
-
-
-def _copy_window_part(
-    control_engine: Engine, codes: pd.DataFrame, part_start: dt.datetime, part_end: dt.datetime
-) -> tuple[HeartbeatColumns, pd.DataFrame]:
-    """Stream one time slice of the window as binary rows; rows with a null or
-    unknown instance id come back separately as text (usually none)."""
-    params = {"part_start": part_start, "part_end": part_end}
-    with raw_connection(control_engine) as connection, connection.cursor() as cursor:
-        _load_instance_codes(cursor, codes)
-        columns = HeartbeatColumns.concat(_read_binary_copy(cursor, params), [])
-        unknown = columns.code < 0
-        text_rows = pd.DataFrame(columns=["instance_id", "sent_at", "active", "received_at"])
-        if unknown.any():
-            stamps = pd.to_datetime(np.unique(columns.sent_us[unknown]), unit="us", utc=True)
-            text_rows = read_frame(
-                connection,
-                "extract/unknown_heartbeats.sql",
-                {**params, "sent_at": list(stamps.to_pydatetime())},
-            )
-            columns = columns.take(np.flatnonzero(~unknown))
-    return columns, text_rows
+def _read_window_part(
+    uri: str, part_start: dt.datetime, part_end: dt.datetime, coder: _Coder, writers: _GroupWriters
+) -> None:
+    """One time slice of the window through ADBC (libpq, binary COPY decoded in
+    native code into Arrow), each record batch split into its org groups' files."""
+    with adbc_dbapi.connect(uri) as connection, connection.cursor() as cursor:
+        cursor.adbc_statement.set_options(
+            **{"adbc.postgresql.batch_size_hint_bytes": str(_BATCH_HINT_BYTES)}
+        )
+        cursor.execute(
+            load_sql("extract/window_slice.sql"), (part_start.isoformat(), part_end.isoformat())
+        )
+        cursor.fetchall()
+        cursor.execute(load_sql("extract/heartbeats_window.sql"))
+        try:
+            for batch in cursor.fetch_record_batch():
+                columns = _batch_columns(batch, coder)
+                writers.write(coder.groups(columns.code), columns)
+        finally:
+            writers.close()
 
 
 def _text_rows_to_columns(
@@ -344,7 +448,7 @@ class WindowSeen:
 
 @dataclass
 class DayExtract:
-    heartbeats: HeartbeatColumns
+    heartbeats: HeartbeatColumns | HeartbeatSpill
     instances: pd.DataFrame
     throttle: pd.DataFrame
     invalid_throttle: list[InvalidThrottleSetting]
@@ -403,30 +507,55 @@ def count_window(
     return WindowSeen(window_start, window_end, int(count), counted_at)
 
 
+def spill_root() -> Path:
+    """Where extracts spill their groups (`TALLY_HOME/spill`); directories left by
+    processes that died are removed on the next extract."""
+    root = tally_home() / "spill"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("*-*"):
+        pid = stale.name.split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return root
+
+
 def extract_day(
-    control_engine: Engine, usage_date: dt.date, run_time: dt.datetime, rules: LookbackRules
+    control_engine: Engine,
+    usage_date: dt.date,
+    run_time: dt.datetime,
+    rules: LookbackRules,
+    rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
 ) -> DayExtract:
-    """Instances, throttle settings and the day's heartbeats. The look-back window
-    streams as binary COPY in two time slices on two connections at once (the
-    server formats nothing and both cores work); untrusted rows come as text."""
+    """Instances, throttle settings and the day's heartbeats, spilled per group of
+    whole orgs of about `rows_per_group` heartbeats (memory stays flat as instances
+    grow). The look-back window is read through ADBC in two time slices on two
+    connections at once (both cores decode); untrusted rows come through psycopg."""
     with raw_connection(control_engine) as connection:
         settings = _read_settings(connection, usage_date, run_time, rules)
         seen = count_window(connection, *settings.window)
     instances, (window_start, window_end) = settings.instances, settings.window
     categories = instances["instance_id"].astype(str).tolist()
-    category_index = {instance_id: code for code, instance_id in enumerate(categories)}
-    codes = pd.DataFrame({"instance_id": categories, "code": range(len(categories))})
+    rows_per_instance = seen.heartbeats / max(len(categories), 1)
+    instance_group = org_groups(instances, rows_per_instance, rows_per_group)
+    directory = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=spill_root()))
+    spill = HeartbeatSpill(directory, categories, instance_group)
+    coder = _Coder(categories, instance_group)
 
     middle = window_start + (window_end - window_start) / 2
     slices = [(window_start, middle), (middle, window_end)]
+    writers = [spill._writers(part) for part in range(len(slices) + 1)]
+    uri = libpq_uri(control_engine)
     with ThreadPoolExecutor(max_workers=len(slices)) as pool:
-        results = list(
-            pool.map(lambda bounds: _copy_window_part(control_engine, codes, *bounds), slices)
+        list(
+            pool.map(
+                lambda part: _read_window_part(uri, *slices[part], coder, writers[part]),
+                range(len(slices)),
+            )
         )
-    parts = [columns for columns, _ in results]
-    for text_rows in [rows for _, rows in results] + [settings.untrusted]:
-        if len(text_rows):
-            parts.append(_text_rows_to_columns(text_rows, category_index, categories))
-    heartbeats = HeartbeatColumns.concat(parts, categories)
-    del parts, results
-    return DayExtract(heartbeats, instances, settings.throttle, settings.invalid_throttle, seen)
+    if len(settings.untrusted):
+        untrusted = _text_rows_to_columns(settings.untrusted, coder.index, categories)
+        writers[-1].write(coder.groups(untrusted.code), untrusted)
+        writers[-1].close()
+    for part_writers in writers:
+        spill._record(part_writers.rows)
+    return DayExtract(spill, instances, settings.throttle, settings.invalid_throttle, seen)

@@ -242,6 +242,12 @@ def engine_for(url: str) -> Engine:
     return engine
 
 
+def libpq_uri(engine: Engine) -> str:
+    """The engine's database as a plain libpq URI (`postgresql://…`, no SQLAlchemy
+    driver suffix), for drivers that speak libpq themselves (ADBC in the extract)."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def load_sql(name: str) -> str:
     """Text of `sql/<name>`; every query tally runs lives in a .sql file."""
     return (SQL_DIR / name).read_text()

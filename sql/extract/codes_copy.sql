@@ -1,1 +1,0 @@
-COPY tally_instance_codes (instance_id, code) FROM STDIN
