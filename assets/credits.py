@@ -4,7 +4,14 @@ provider and records them in `billing.billing_corrections`.
 
 Escalation: ≤ $50 a support agent, ≤ $500 a support lead, above that the VP
 Engineering; when the same kind of over-charge hits ≥ 5 orgs on one day it is a
-systemic bug and goes to engineering whatever the amount.
+systemic bug and goes to engineering whatever the amount. The level follows the
+amount net of included hours (assets/credit_net.py). Authority: the approver roster
+(assets/approvers.py) gives each approver a level; `issue_credits` refuses an
+approver below the proposal's level, a missing ticket, and a proposal the provider
+no longer shows as over (re-read before paying); refusals are recorded in
+billing.credit_refusals and never apply anything. The customer's "credit applied"
+e-mail has its ledger on billing.billing_corrections (docs/reconciliation.md,
+"Credits: who may approve").
 
 Never twice: a proposal is applied in one transaction holding its row lock
 (`SELECT … FOR UPDATE`); a concurrent run waits, then finds it applied. A crash

@@ -186,6 +186,7 @@ def test_a_credit_run_refreshes_the_review_and_empties_what_to_approve(
                         "config": {
                             "proposal_ids": [proposal["proposal_id"]],
                             "approver": "support-agent@example.test",
+                            "ticket": "SUP-1",
                         }
                     }
                 }
