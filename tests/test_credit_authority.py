@@ -6,6 +6,7 @@ credits net of included hours, the customer's e-mail once, Polar's manual path a
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 
 import pandas as pd
@@ -415,6 +416,19 @@ def test_tally_credits_list_approve_apply(
         "$300.00",
         "support_lead",
     ]
+
+    code, out, _ = tally(capsys, "list", "--json")
+    (listed,) = json.loads(out)
+    assert (listed["proposal_id"], listed["list_amount"], listed["net_amount"]) == (
+        proposal_id,
+        "300.00",
+        "300.00",
+    )
+    assert (listed["escalation"], listed["org_name"], listed["approved_by"]) == (
+        "support_lead",
+        "org-c Inc.",
+        None,
+    )
 
     code, out, _ = tally(
         capsys,
