@@ -64,6 +64,20 @@ class HeartbeatColumns:
             self.categories,
         )
 
+    def with_own_categories(self) -> HeartbeatColumns:
+        """The same rows with only the ids they use as categories, so a group's frame
+        does not carry (and group by) every instance of the day."""
+        used, local = np.unique(self.code[self.code >= 0], return_inverse=True)
+        code = np.full(len(self.code), -1, dtype=np.int32)
+        code[self.code >= 0] = local
+        return HeartbeatColumns(
+            code,
+            self.sent_us,
+            self.active,
+            self.received_us,
+            [self.categories[int(position)] for position in used],
+        )
+
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(
             {
@@ -128,7 +142,7 @@ _SPILL_SCHEMA = pa.schema(
         ("received_us", pa.int64()),
     ]
 )
-_BATCH_HINT_BYTES = 16 << 20  # ADBC record batches of about this size (a few 100k rows)
+BATCH_HINT_BYTES = 16 << 20  # ADBC record batches of about this size (a few 100k rows)
 DEFAULT_ROWS_PER_GROUP = 2_000_000
 
 
@@ -185,7 +199,11 @@ class HeartbeatSpill:
         self._rows += rows
 
     def group(self, group: int) -> HeartbeatColumns:
-        """One group's heartbeats, in the order they were read (time slice by slice)."""
+        """One group's heartbeats, in the order they were read (time slice by slice),
+        with only the ids they use as categories."""
+        return self._read_group(group).with_own_categories()
+
+    def _read_group(self, group: int) -> HeartbeatColumns:
         parts = []
         for path in self._files[group]:
             if path.exists():
@@ -205,7 +223,7 @@ class HeartbeatSpill:
         for group in range(self.groups):
             inside = rows[(rows >= starts[group]) & (rows < starts[group + 1])]
             if len(inside):
-                parts.append(self.group(group).take(inside - starts[group]))
+                parts.append(self._read_group(group).take(inside - starts[group]))
         return HeartbeatColumns.concat(parts, self.categories)
 
 
@@ -293,13 +311,18 @@ def _batch_columns(batch: pa.RecordBatch, coder: _Coder) -> HeartbeatColumns:
 
 
 def _read_window_part(
-    uri: str, part_start: dt.datetime, part_end: dt.datetime, coder: _Coder, writers: _GroupWriters
+    uri: str,
+    part_start: dt.datetime,
+    part_end: dt.datetime,
+    coder: _Coder,
+    writers: _GroupWriters,
+    batch_bytes: int,
 ) -> None:
     """One time slice of the window through ADBC (libpq, binary COPY decoded in
     native code into Arrow), each record batch split into its org groups' files."""
     with adbc_dbapi.connect(uri) as connection, connection.cursor() as cursor:
         cursor.adbc_statement.set_options(
-            **{"adbc.postgresql.batch_size_hint_bytes": str(_BATCH_HINT_BYTES)}
+            **{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)}
         )
         cursor.execute(
             load_sql("extract/window_slice.sql"), (part_start.isoformat(), part_end.isoformat())
@@ -525,11 +548,13 @@ def extract_day(
     run_time: dt.datetime,
     rules: LookbackRules,
     rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+    batch_bytes: int = BATCH_HINT_BYTES,
 ) -> DayExtract:
     """Instances, throttle settings and the day's heartbeats, spilled per group of
     whole orgs of about `rows_per_group` heartbeats (memory stays flat as instances
-    grow). The look-back window is read through ADBC in two time slices on two
-    connections at once (both cores decode); untrusted rows come through psycopg."""
+    grow: one group and one ADBC record batch of about `batch_bytes` at a time).
+    The look-back window is read through ADBC in two time slices on two connections
+    at once (both cores decode); untrusted rows come through psycopg."""
     with raw_connection(control_engine) as connection:
         settings = _read_settings(connection, usage_date, run_time, rules)
         seen = count_window(connection, *settings.window)
@@ -548,7 +573,9 @@ def extract_day(
     with ThreadPoolExecutor(max_workers=len(slices)) as pool:
         list(
             pool.map(
-                lambda part: _read_window_part(uri, *slices[part], coder, writers[part]),
+                lambda part: _read_window_part(
+                    uri, *slices[part], coder, writers[part], batch_bytes
+                ),
                 range(len(slices)),
             )
         )
