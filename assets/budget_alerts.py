@@ -71,6 +71,15 @@ class BudgetAlertStatus(StrEnum):
     SUPERSEDED = "superseded"
 
 
+class AlertKind(StrEnum):
+    """billing.budget_alert_ledger.kind (CHECK constraint in migration 0015): what a
+    threshold measures — % of included hours, or whole dollars of month-to-date
+    charges (orgs without included hours; thresholds per plan, `Plan.spend_alerts`)."""
+
+    INCLUDED_HOURS = "included_hours"
+    SPEND = "spend"
+
+
 class AlertAction(StrEnum):
     """What `settle_alerts` decides for an unsettled ledger row. Every action but
     `send` is also the status the row is settled with."""
@@ -91,6 +100,19 @@ ALERT_GRACE = dt.timedelta(days=7)
 MAX_CONSECUTIVE_SMTP_FAILURES = 3
 
 OWED = (BudgetAlertStatus.QUEUED, BudgetAlertStatus.FAILED)
+# Recorded while SMTP was unset: owed as soon as SMTP is configured.
+OWED_ONCE_MAILED = (BudgetAlertStatus.NOT_MAILED,)
+CROSSING_COLUMNS = [
+    "org_id",
+    "month",
+    "kind",
+    "threshold",
+    "usage_date",
+    "billable_seconds",
+    "included_seconds",
+    "spend",
+]
+KEY = ["org_id", "month", "kind", "threshold"]
 # Counted on the materialization, in this order (then `owed`).
 OUTCOMES = (
     BudgetAlertStatus.SENT,
@@ -112,8 +134,6 @@ def alert_crossings(quota: pd.DataFrame, thresholds: tuple[int, ...] = THRESHOLD
     """(org, month, threshold) reached in quota rows of one or more days: billable
     month to date ≥ threshold % of included, as of the earliest day that reaches it
     (one row per org, month and threshold). Orgs without included hours never alert."""
-    columns = ["org_id", "month", "threshold", "usage_date", "billable_seconds", "included_seconds"]
-    key = ["org_id", "month", "threshold"]
     rows = []
     for row in quota.itertuples(index=False):
         included = int(row.included_seconds)
@@ -125,43 +145,81 @@ def alert_crossings(quota: pd.DataFrame, thresholds: tuple[int, ...] = THRESHOLD
                     (
                         row.org_id,
                         row.month,
+                        AlertKind.INCLUDED_HOURS.value,
                         threshold,
                         row.usage_date,
                         int(row.billable_seconds),
                         included,
+                        None,
                     )
                 )
-    crossings = pd.DataFrame(rows, columns=columns)
+    return _first_crossings(rows)
+
+
+def _first_crossings(rows: list[tuple]) -> pd.DataFrame:
+    crossings = pd.DataFrame(rows, columns=CROSSING_COLUMNS)
     return (
         crossings.sort_values("usage_date", kind="stable")
-        .drop_duplicates(key, keep="first")
-        .sort_values(key, kind="stable")
+        .drop_duplicates(KEY, keep="first")
+        .sort_values(KEY, kind="stable")
         .reset_index(drop=True)
     )
 
 
+def spend_crossings(quota: pd.DataFrame, pricing: Pricing) -> pd.DataFrame:
+    """(org, month, dollar threshold) reached by orgs without included hours: the
+    month-to-date charges (`expected_charges`) ≥ a threshold of the org's plan
+    (`Plan.spend_alerts`), as of the earliest day that reaches it. Same columns as
+    `alert_crossings`, kind `spend`."""
+    rows = []
+    for row in quota.itertuples(index=False):
+        plan = pricing.plans.get(row.plan)
+        spent = Decimal(row.expected_charges)
+        for threshold in plan.spend_alerts if plan is not None else ():
+            if spent >= threshold:
+                rows.append(
+                    (
+                        row.org_id,
+                        row.month,
+                        AlertKind.SPEND.value,
+                        threshold,
+                        row.usage_date,
+                        int(row.billable_seconds),
+                        0,
+                        spent,
+                    )
+                )
+    return _first_crossings(rows)
+
+
 def settle_alerts(ledger: pd.DataFrame, now: dt.datetime, *, mail_enabled: bool) -> pd.DataFrame:
     """What to do with each unsettled ledger row (statuses queued, failed, pending),
-    given every row of its (org, month). Returns org_id, month, threshold, action with
-    action an `AlertAction`: send, interrupted, expired, superseded, no_address,
-    not_mailed.
+    given every row of its (org, month, kind). Returns org_id, month, kind, threshold,
+    action with action an `AlertAction`: send, interrupted, expired, superseded,
+    no_address, not_mailed.
 
     Order of precedence: a pending row is a crash (interrupted, never re-sent); the
-    month is over for too long (expired); a higher threshold of the same month exists
-    (superseded: one e-mail says it all); no address; no SMTP (not_mailed)."""
-    columns = ["org_id", "month", "threshold", "action"]
+    month is over for too long (expired); a higher threshold of the same month and
+    kind exists (superseded: one e-mail says it all); no address; no SMTP
+    (not_mailed). A not_mailed row is owed again once SMTP is configured; until
+    then it is left as it is."""
+    columns = ["org_id", "month", "kind", "threshold", "action"]
     if ledger.empty:
         return pd.DataFrame(columns=columns)
-    highest = ledger.groupby(["org_id", "month"])["threshold"].max().to_dict()
+    if "kind" not in ledger:  # the column's default (migration 0015)
+        ledger = ledger.assign(kind=AlertKind.INCLUDED_HOURS.value)
+    highest = ledger.groupby(["org_id", "month", "kind"])["threshold"].max().to_dict()
     actions = []
     for row in ledger.itertuples(index=False):
-        if row.status not in (*OWED, BudgetAlertStatus.PENDING):
+        if row.status in OWED_ONCE_MAILED and not mail_enabled:
+            continue  # still recorded, not mailed: nothing new to decide
+        if row.status not in (*OWED, *OWED_ONCE_MAILED, BudgetAlertStatus.PENDING):
             continue
         if row.status == BudgetAlertStatus.PENDING:
             action = AlertAction.INTERRUPTED
         elif now >= _deadline(row.month):
             action = AlertAction.EXPIRED
-        elif highest[(row.org_id, row.month)] > row.threshold:
+        elif highest[(row.org_id, row.month, row.kind)] > row.threshold:
             action = AlertAction.SUPERSEDED
         elif not isinstance(row.recipient, str) or not row.recipient.strip():
             action = AlertAction.NO_ADDRESS
@@ -169,7 +227,7 @@ def settle_alerts(ledger: pd.DataFrame, now: dt.datetime, *, mail_enabled: bool)
             action = AlertAction.NOT_MAILED
         else:
             action = AlertAction.SEND
-        actions.append((row.org_id, row.month, int(row.threshold), action))
+        actions.append((row.org_id, row.month, row.kind, int(row.threshold), action))
     return pd.DataFrame(actions, columns=columns)
 
 
@@ -241,6 +299,73 @@ def render_alert(
     return AlertMail(subject, "\n".join(lines) + "\n", body)
 
 
+def render_spend_alert(
+    *,
+    org_id: str,
+    org_name: str | None,
+    month: dt.date,
+    threshold: int,
+    usage_date: dt.date,
+    billable_seconds: int,
+    spend: Decimal,
+) -> AlertMail:
+    """The e-mail for one dollar threshold reached by month-to-date charges."""
+    name = org_name or org_id
+    period = month.strftime("%B %Y")
+    spent = f"${to_cents(Decimal(spend)):,}"
+    used = hours(billable_seconds)
+    subject = f"{name}: ${threshold:,} spend alert for {period}"
+    lines = [
+        f"Hello {name},",
+        "",
+        f"{name} ({org_id}) has reached its ${threshold:,} spend alert for {period}.",
+        "",
+        f"  Charges so far: {spent} for {used} billable hours",
+        f"  As of:          {usage_date.isoformat()} (UTC, month to date)",
+        f"  Alert:          ${threshold:,}",
+        "",
+        "Usage is billed at the hourly rate of each tier.",
+        "",
+        "This is the only alert for this amount this month.",
+    ]
+    escaped = html.escape(name)
+    body = (
+        "<html><body>"
+        f"<p>Hello {escaped},</p>"
+        f"<p><strong>{escaped}</strong> ({html.escape(org_id)}) has reached its "
+        f"<strong>${threshold:,}</strong> spend alert for {period}.</p>"
+        "<table>"
+        f"<tr><th align='left'>Charges so far</th><td>{spent} for {used} billable hours</td></tr>"
+        f"<tr><th align='left'>As of</th><td>{usage_date.isoformat()} (UTC, month to date)"
+        "</td></tr>"
+        f"<tr><th align='left'>Alert</th><td>${threshold:,}</td></tr>"
+        "</table>"
+        "<p>Usage is billed at the hourly rate of each tier.</p>"
+        "<p>This is the only alert for this amount this month.</p>"
+        "</body></html>"
+    )
+    return AlertMail(subject, "\n".join(lines) + "\n", body)
+
+
+def render_test_mail(*, org_id: str, org_name: str | None, sent_at: dt.datetime) -> AlertMail:
+    """`tally alerts test`: proves the billing address receives tally's alerts."""
+    name = org_name or org_id
+    stamp = sent_at.strftime("%Y-%m-%d %H:%M UTC")
+    subject = f"{name}: test of tally budget alerts"
+    text = (
+        f"Hello {name},\n\nThis is a test of the budget alerts for {org_id}, sent {stamp}.\n"
+        "Budget and spend alerts for this organization arrive at this address.\n"
+        "Nothing needs to be done.\n"
+    )
+    body = (
+        f"<html><body><p>Hello {html.escape(name)},</p><p>This is a test of the budget "
+        f"alerts for {html.escape(org_id)}, sent {stamp}.</p><p>Budget and spend alerts "
+        "for this organization arrive at this address.</p><p>Nothing needs to be done.</p>"
+        "</body></html>"
+    )
+    return AlertMail(subject, text, body)
+
+
 # ---------------------------------------------------------------------------
 # I/O
 # ---------------------------------------------------------------------------
@@ -252,12 +377,13 @@ def _mark(
     status: BudgetAlertStatus,
     error: str | None = None,
 ) -> None:
-    org_id, month, threshold = key
+    org_id, month, kind, threshold = key
     connection.execute(
         load_sql("budget_alerts/mark.sql"),
         {
             "org_id": org_id,
             "month": month,
+            "kind": kind,
             "threshold": threshold,
             "status": str(BudgetAlertStatus(status)),
             "last_error": error,
@@ -279,17 +405,19 @@ def settle_and_send(
     ledger = read_frame(connection, "budget_alerts/open.sql")
     connection.commit()
     actions = settle_alerts(ledger, now, mail_enabled=smtp.configured())
-    rows = {(r.org_id, r.month, int(r.threshold)): r for r in ledger.itertuples(index=False)}
+    rows = {
+        (r.org_id, r.month, r.kind, int(r.threshold)): r for r in ledger.itertuples(index=False)
+    }
     by_org = {row.org_id: row for row in orgs.itertuples(index=False)}
     stats: dict[str, Any] = dict.fromkeys((outcome.value for outcome in OUTCOMES), 0)
     errors: list[str] = []
     consecutive_failures = 0
     for action in actions.itertuples(index=False):
-        key = (action.org_id, action.month, int(action.threshold))
+        key = (action.org_id, action.month, action.kind, int(action.threshold))
         if action.action != AlertAction.SEND:
             _mark(connection, key, BudgetAlertStatus(action.action))
             stats[action.action] += 1
-            message = f"budget alert {key[0]} {key[1]:%Y-%m} {key[2]}%: {action.action}"
+            message = f"budget alert {_describe(key)}: {action.action}"
             if action.action == AlertAction.INTERRUPTED:
                 log.warning(
                     message + " (a run died while sending; not re-sent - check the mail log, "
@@ -305,16 +433,27 @@ def settle_and_send(
         row = rows[key]
         org = by_org.get(row.org_id)
         plan_name = getattr(org, "plan", None)
-        mail = render_alert(
-            org_id=row.org_id,
-            org_name=getattr(org, "name", None),
-            plan=pricing.plans.get(plan_name) if plan_name else None,
-            month=row.month,
-            threshold=int(row.threshold),
-            usage_date=row.usage_date,
-            billable_seconds=int(row.billable_seconds),
-            included_seconds=int(row.included_seconds),
-        )
+        if row.kind == AlertKind.SPEND:
+            mail = render_spend_alert(
+                org_id=row.org_id,
+                org_name=getattr(org, "name", None),
+                month=row.month,
+                threshold=int(row.threshold),
+                usage_date=row.usage_date,
+                billable_seconds=int(row.billable_seconds),
+                spend=Decimal(row.spend),
+            )
+        else:
+            mail = render_alert(
+                org_id=row.org_id,
+                org_name=getattr(org, "name", None),
+                plan=pricing.plans.get(plan_name) if plan_name else None,
+                month=row.month,
+                threshold=int(row.threshold),
+                usage_date=row.usage_date,
+                billable_seconds=int(row.billable_seconds),
+                included_seconds=int(row.included_seconds),
+            )
         _mark(connection, key, BudgetAlertStatus.PENDING)  # committed before the SMTP hand-off
         try:
             smtp.send(row.recipient, mail.subject, mail.text, mail.html)
@@ -327,13 +466,44 @@ def settle_and_send(
         _mark(connection, key, BudgetAlertStatus.SENT)
         stats[BudgetAlertStatus.SENT] += 1
         consecutive_failures = 0
-        log.info(f"budget alert {key[0]} {key[1]:%Y-%m} {key[2]}% sent to {row.recipient}")
+        log.info(f"budget alert {_describe(key)} sent to {row.recipient}")
     stats["owed"] = (
         sum(action == AlertAction.SEND for action in actions["action"])
         - stats[BudgetAlertStatus.SENT]
     )
     stats["errors"] = errors
     return stats
+
+
+def _describe(key: tuple) -> str:
+    org_id, month, kind, threshold = key
+    amount = f"${threshold}" if kind == AlertKind.SPEND else f"{threshold}%"
+    return f"{org_id} {month:%Y-%m} {amount}"
+
+
+class AlertTestError(ValueError):
+    """`tally alerts test` cannot send: SMTP unset, unknown org, no address."""
+
+
+def send_test_alert(control_engine, smtp: SmtpResource, org_id: str, now: dt.datetime) -> str:
+    """Send the test e-mail to the org's billing address; the one-line result.
+    AlertTestError when it cannot be sent for a reason the user fixes; NotifyError
+    when the server did not take it."""
+    if not smtp.configured():
+        raise AlertTestError("SMTP_HOST is not set; set SMTP_HOST (and SMTP_PORT) to send e-mail")
+    with raw_connection(control_engine) as connection:
+        org = read_frame(connection, "budget_alerts/org.sql", {"org_id": org_id})
+    if org.empty:
+        raise AlertTestError(f"no organization '{org_id}' in the control plane; check the id")
+    row = org.iloc[0]
+    address = row["billing_email"]
+    if not isinstance(address, str) or not address.strip():
+        raise AlertTestError(
+            f"{org_id} has no billing_email; set organizations.billing_email first"
+        )
+    mail = render_test_mail(org_id=org_id, org_name=row["name"], sent_at=now)
+    smtp.send(address, mail.subject, mail.text, mail.html)
+    return f"test e-mail sent to {address} for {org_id}"
 
 
 @asset(
@@ -366,19 +536,30 @@ def budget_alerts(
             "budget_alerts/quota_month_from_day.sql",
             {"usage_date": usage_date, "next_month": next_month(month_start(usage_date))},
         )
-    crossings = alert_crossings(quota)
-    days_evaluated = quota["usage_date"].nunique() if not quota.empty else 0
+        spend_quota = read_frame(
+            connection,
+            "budget_alerts/spend_month_from_day.sql",
+            {"usage_date": usage_date, "next_month": next_month(month_start(usage_date))},
+        )
+    pricing = pricing_or_fail()
+    crossings = pd.concat(
+        [alert_crossings(quota), spend_crossings(spend_quota, pricing)], ignore_index=True
+    )
+    evaluated = pd.concat([quota["usage_date"], spend_quota["usage_date"]])
+    days_evaluated = evaluated.nunique() if len(evaluated) else 0
 
     if run_mode.report_only:
         with raw_connection(billing_engine) as connection:
             known = read_frame(
                 connection, "budget_alerts/known.sql", {"months": [month_start(usage_date)]}
             )
-        seen = {(r.org_id, r.month, int(r.threshold)) for r in known.itertuples(index=False)}
+        seen = {
+            (r.org_id, r.month, r.kind, int(r.threshold)) for r in known.itertuples(index=False)
+        }
         due = [
-            f"{r.org_id} {r.threshold}%"
+            _describe((r.org_id, r.month, r.kind, int(r.threshold)))
             for r in crossings.itertuples(index=False)
-            if (r.org_id, r.month, int(r.threshold)) not in seen
+            if (r.org_id, r.month, r.kind, int(r.threshold)) not in seen
         ]
         context.log.info(f"report_only: nothing sent; {len(due)} alert(s) would be due")
         return MaterializeResult(
@@ -386,7 +567,6 @@ def budget_alerts(
             check_results=[AssetCheckResult(check_name="no_interrupted_alerts", passed=True)],
         )
 
-    pricing = pricing_or_fail()
     orgs = read_orgs(postgres)
     emails = dict(zip(orgs["org_id"], orgs["billing_email"], strict=True))
     with raw_connection(billing_engine) as connection:
@@ -397,7 +577,11 @@ def budget_alerts(
                 cursor.executemany(
                     load_sql("budget_alerts/insert.sql"),
                     [
-                        {**row._asdict(), "recipient": emails.get(row.org_id) or None}
+                        {
+                            **row._asdict(),
+                            "spend": None if pd.isna(row.spend) else row.spend,
+                            "recipient": emails.get(row.org_id) or None,
+                        }
                         for row in crossings.itertuples(index=False)
                     ],
                 )

@@ -186,6 +186,40 @@ def apply_daily_cap(
     return billable
 
 
+@dataclass
+class DayIntervals:
+    """Rules 3.2–3.6 for one day as intervals of instance-table rows: sessions, idle
+    pauses and over-continuous spans (unclipped), the within-limit runs clipped to
+    the day, and the billable seconds of each of those (each a prefix of its run:
+    the rest is over the daily cap). `compute_billed_usage` sums them; `tally org
+    --instance` lists one instance's."""
+
+    sessions: _Intervals
+    pauses: _Intervals
+    over_limit: _Intervals
+    within_in_day: _Intervals
+    billable: np.ndarray
+
+
+def meter_day(
+    clean: CleanHeartbeats, table: InstanceTable, rules: MeteringRules, usage_date: dt.date
+) -> DayIntervals:
+    sessions, pauses, within, over_limit = split_sessions_and_runs(clean, table, rules)
+    day_start, day_end = day_bounds_epoch(usage_date)
+    clipped_start = np.maximum(within.start, day_start)
+    clipped_end = np.minimum(within.end, day_end)
+    in_day = clipped_end > clipped_start
+    within_in_day = _Intervals(within.instance[in_day], clipped_start[in_day], clipped_end[in_day])
+    billable = apply_daily_cap(
+        table.org[within_in_day.instance],
+        table.ids[within_in_day.instance],
+        within_in_day.start,
+        within_in_day.end,
+        table.daily_limit[within_in_day.instance],
+    )
+    return DayIntervals(sessions, pauses, over_limit, within_in_day, billable)
+
+
 def compute_billed_usage(
     heartbeats: pd.DataFrame,
     instances: pd.DataFrame,
@@ -204,7 +238,7 @@ def compute_billed_usage(
     tiers = DEFAULT_KNOWN_TIERS if known_tiers is None else known_tiers
     table = instance_table(instances, throttle, rules, tiers)
     clean, quarantine, duplicates = clean_heartbeats(heartbeats, table, usage_date, run_time, rules)
-    sessions, pauses, within, over_limit = split_sessions_and_runs(clean, table, rules)
+    day = meter_day(clean, table, rules, usage_date)
     day_start, day_end = day_bounds_epoch(usage_date)
     instance_count = len(table.ids)
 
@@ -212,23 +246,12 @@ def compute_billed_usage(
         seconds = _overlap(intervals.start, intervals.end, day_start, day_end)
         return np.bincount(intervals.instance, weights=seconds, minlength=instance_count)
 
-    clipped_start = np.maximum(within.start, day_start)
-    clipped_end = np.minimum(within.end, day_end)
-    in_day = clipped_end > clipped_start
-    within_instance = within.instance[in_day]
-    billable = apply_daily_cap(
-        table.org[within_instance],
-        table.ids[within_instance],
-        clipped_start[in_day],
-        clipped_end[in_day],
-        table.daily_limit[within_instance],
-    )
+    within = day.within_in_day
     candidates = np.bincount(
-        within_instance,
-        weights=clipped_end[in_day] - clipped_start[in_day],
-        minlength=instance_count,
+        within.instance, weights=within.end - within.start, minlength=instance_count
     )
-    billable_seconds = np.bincount(within_instance, weights=billable, minlength=instance_count)
+    billable_seconds = np.bincount(within.instance, weights=day.billable, minlength=instance_count)
+    sessions, pauses, over_limit = day.sessions, day.pauses, day.over_limit
     per_instance_seconds = pd.DataFrame(
         {
             "org_id": table.org,

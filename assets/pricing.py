@@ -33,13 +33,17 @@ class Plan:
     monthly_fee: Decimal
     included_hours: Decimal
     overage_billable: bool
+    # Whole-dollar month-to-date charges that send a spend alert (budget_alerts), for
+    # plans without included hours (their hours alerts never fire). Ascending.
+    spend_alerts: tuple[int, ...] = ()
 
 
 DEFAULT_PLANS = {
     "free-tier": Plan("free-tier", Decimal("0"), Decimal("10"), False),
     "base-plus-usage": Plan("base-plus-usage", Decimal("20"), Decimal("100"), True),
-    "usage-only": Plan("usage-only", Decimal("0"), Decimal("0"), True),
+    "usage-only": Plan("usage-only", Decimal("0"), Decimal("0"), True, (100, 500, 1000)),
 }
+PLAN_KEYS = ("monthly_fee", "included_hours", "overage_billable", "spend_alerts")
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,11 @@ def pricing_from_mapping(data: dict) -> Pricing:
     for name, settings in (data.get("plans") or {}).items():
         if not isinstance(settings, dict):
             raise PricingError(f"plans.{name} must be a mapping")
-        extra = set(settings) - {"monthly_fee", "included_hours", "overage_billable"}
+        extra = set(settings) - set(PLAN_KEYS)
         if extra:
             raise PricingError(
                 f"unknown key plans.{name}.{sorted(extra)[0]}; expected "
-                "monthly_fee, included_hours or overage_billable"
+                "monthly_fee, included_hours, overage_billable or spend_alerts"
             )
         base = plans.get(name, Plan(name, Decimal(0), Decimal(0), True))
         overage = settings.get("overage_billable", base.overage_billable)
@@ -129,8 +133,19 @@ def pricing_from_mapping(data: dict) -> Pricing:
                 settings.get("included_hours", base.included_hours), f"plans.{name}.included_hours"
             ),
             overage,
+            _spend_alerts(settings.get("spend_alerts", base.spend_alerts), name),
         )
     return Pricing(rates, plans)
+
+
+def _spend_alerts(value: object, plan: str) -> tuple[int, ...]:
+    """A list of positive whole dollars (an empty list turns spend alerts off)."""
+    key = f"plans.{plan}.spend_alerts"
+    if not isinstance(value, list | tuple):
+        raise PricingError(f"{key} must be a list of whole dollars, e.g. [100, 500]")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+        raise PricingError(f"{key} = {list(value)!r}: each must be a whole number of dollars > 0")
+    return tuple(sorted(set(value)))
 
 
 @cache

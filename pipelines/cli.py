@@ -372,10 +372,18 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_org(args: argparse.Namespace) -> int:
-    from pipelines.org_report import ReportError, run_org_report
+    from pipelines.org_report import ReportError, run_org_days, run_org_instance, run_org_report
 
+    if (args.instance is None) != (args.day is None):
+        raise UsageError("--instance and --day go together: tally org ORG --instance I --day D")
+    if args.days and args.instance is not None:
+        raise UsageError("--days lists the month; --instance I --day D explains one instance")
     _check_databases()
     try:
+        if args.instance is not None:
+            return run_org_instance(args.org_id, args.instance, args.day, as_json=args.json)
+        if args.days:
+            return run_org_days(args.org_id, args.month, as_json=args.json)
         return run_org_report(args.org_id, args.month, as_json=args.json)
     except ReportError as error:
         raise UsageError(str(error)) from None
@@ -407,6 +415,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return run_explain(request)
     except ExplainError as error:
         raise UsageError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def cmd_alerts_test(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from assets.budget_alerts import AlertTestError, send_test_alert
+    from resources.db import control_engine
+    from resources.notify import NotifyError, SmtpResource
+
+    try:
+        line = send_test_alert(control_engine(), SmtpResource(), args.org, dt.datetime.now(dt.UTC))
+    except AlertTestError as error:
+        raise UsageError(str(error)) from None
+    except NotifyError as error:
+        print(f"tally: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(line)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- export
@@ -532,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument(
         "--month", type=parse_month, metavar="YYYY-MM", help="default: this month (UTC)"
     )
+    org.add_argument(
+        "--days", action="store_true", help="per day: hours, sent, provider, credits, explained"
+    )
+    org.add_argument("--instance", metavar="INSTANCE_ID", help="explain one instance's bill")
+    org.add_argument("--day", type=_date, metavar="YYYY-MM-DD", help="the day for --instance")
     org.add_argument("--json", action="store_true", help="JSON (schema in docs/quota.md)")
     org.set_defaults(handler=cmd_org)
 
@@ -552,6 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--by", required=True, metavar="NAME", help="who explains (or revokes)")
     explain.add_argument("--revoke", action="store_true", help="withdraw the explanation")
     explain.set_defaults(handler=cmd_explain)
+
+    alerts = commands.add_parser("alerts", help="budget and spend alerts: send a test e-mail")
+    alert_actions = alerts.add_subparsers(
+        dest="alerts_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    alert_test = alert_actions.add_parser("test", help="e-mail the org's billing address")
+    alert_test.add_argument("--org", required=True, metavar="ORG_ID")
+    alert_test.set_defaults(handler=cmd_alerts_test)
     return parser
 
 

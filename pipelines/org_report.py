@@ -115,7 +115,9 @@ JSON_SCHEMA: dict = {
                 "type": "array",
                 "items": _object(
                     {
+                        "kind": {"enum": ["included_hours", "spend"]},
                         "threshold": {"type": "integer"},
+                        "spend": {"oneOf": [_MONEY, {"type": "null"}]},
                         "status": {"type": "string"},
                         "usage_date": _DATE,
                         "used_hours": _HOURS,
@@ -337,7 +339,9 @@ def _alert_items(alerts: pd.DataFrame) -> list[dict]:
 
     return [
         {
+            "kind": row.kind,
             "threshold": int(row.threshold),
+            "spend": None if row.spend is None or pd.isna(row.spend) else _money(row.spend),
             "status": row.status,
             "usage_date": row.usage_date.isoformat(),
             "used_hours": _hours_number(row.billable_seconds),
@@ -443,10 +447,18 @@ def render_text(report: dict) -> str:
         f" + overage ${charges['overage']})"
     )
     alerts = [
-        f"{alert['threshold']}% {alert['status']}"
+        (
+            f"${alert['threshold']} spend {alert['status']}"
+            if alert["kind"] == "spend"
+            else f"{alert['threshold']}% {alert['status']}"
+        )
         + (f" {alert['sent_at'][:16].replace('T', ' ')} UTC" if alert["sent_at"] else "")
-        + f" (as of {alert['usage_date']}: {alert['used_hours']:.2f}"
-        f" of {alert['included_hours']:.2f} h)"
+        + (
+            f" (as of {alert['usage_date']}: ${alert['spend']})"
+            if alert["kind"] == "spend"
+            else f" (as of {alert['usage_date']}: {alert['used_hours']:.2f}"
+            f" of {alert['included_hours']:.2f} h)"
+        )
         for alert in report["alerts"]
     ] or ["none"]
     lines.append(f"alerts         {alerts[0]}")
@@ -495,4 +507,404 @@ def run_org_report(org_id: str, month: dt.date | None, *, as_json: bool) -> int:
         today=today,
     )
     print(json.dumps(report, indent=2, default=_json_default) if as_json else render_text(report))
+    return 0
+
+
+# --------------------------------------------------------------------------- --days
+
+DAYS_SCHEMA_ID = "tally.org_days/1"
+INSTANCE_SCHEMA_ID = "tally.org_instance/1"
+
+
+def _money(amount: Decimal) -> str:
+    from assets.pricing import to_cents
+
+    return str(to_cents(Decimal(amount)))
+
+
+def _hours_or_none(seconds: int | None) -> float | None:
+    return None if seconds is None else _hours_number(seconds)
+
+
+def _read_days(billing_engine: Engine, org_id: str, month: dt.date) -> dict[str, pd.DataFrame]:
+    from resources.db import raw_connection, read_frame
+
+    span = {"org_id": org_id, "month_start": month, "next_month": next_month(month)}
+    with raw_connection(billing_engine) as connection:
+        return {
+            "billed": read_frame(connection, "org_report/days_billed.sql", span),
+            "sent": read_frame(connection, "org_report/days_sent.sql", span),
+            "provider": read_frame(connection, "org_report/days_provider.sql", span),
+            "proposals": read_frame(connection, "org_report/days_proposals.sql", span),
+            "corrections": read_frame(connection, "org_report/days_corrections.sql", span),
+            "explanations": read_frame(connection, "org_report/explanations.sql", span),
+        }
+
+
+def _by_day_tier(frame: pd.DataFrame) -> dict[tuple[dt.date, str], object]:
+    return {(row.usage_date, row.tier): row for row in frame.itertuples(index=False)}
+
+
+def _when(value: object) -> str | None:
+    import pandas as pd
+
+    return None if value is None or pd.isna(value) else value.isoformat()  # type: ignore[attr-defined]
+
+
+def _day_item(
+    day: dt.date, tables: dict[str, pd.DataFrame], pricing: Pricing, lookups: dict
+) -> dict:
+    tiers = sorted(
+        {tier for (usage_date, tier) in lookups["tiers"] if usage_date == day},
+        key=lambda tier: (-pricing.tier_rates.get(tier, Decimal(0)), tier),
+    )
+    tier_items = []
+    for tier in tiers:
+        billed = lookups["billed"].get((day, tier))
+        sent = lookups["sent"].get((day, tier))
+        provider = lookups["provider"].get((day, tier))
+        billable = int(billed.billable_seconds) if billed is not None else 0
+        rate = pricing.tier_rates.get(tier)
+        tier_items.append(
+            {
+                "tier": tier,
+                "billable_hours": _hours_number(billable),
+                "billable_seconds": billable,
+                "runtime_seconds": int(billed.runtime_seconds) if billed is not None else 0,
+                "list_amount": _money(pricing.amount(billable, tier)) if rate else "0.00",
+                "sent_seconds": int(sent.sent_seconds) if sent is not None else 0,
+                "unsent_seconds": int(sent.unsent_seconds) if sent is not None else 0,
+                "provider_seconds": None if provider is None else int(provider.provider_seconds),
+                "provider_hours": None
+                if provider is None
+                else _hours_number(int(provider.provider_seconds)),
+            }
+        )
+    proposals = tables["proposals"]
+    corrections = tables["corrections"]
+    explanations = tables["explanations"]
+    return {
+        "usage_date": day.isoformat(),
+        "tiers": tier_items,
+        "list_amount": _money(sum((Decimal(t["list_amount"]) for t in tier_items), Decimal(0))),
+        "credits_proposed": [
+            {
+                "proposal_id": int(row.proposal_id),
+                "tier": row.tier,
+                "kind": row.kind,
+                "seconds": int(row.seconds),
+                "amount": None if row.amount is None else _money(row.amount),
+                "status": row.status,
+            }
+            for row in proposals[proposals["usage_date"] == day].itertuples(index=False)
+        ],
+        "credits_applied": [
+            {
+                "proposal_id": int(row.proposal_id),
+                "tier": row.tier,
+                "amount": _money(row.amount),
+                "method": row.method,
+                "approved_by": row.approved_by,
+                "applied_at": _when(row.applied_at),
+            }
+            for row in corrections[corrections["usage_date"] == day].itertuples(index=False)
+        ],
+        "explanations": [
+            {
+                "kind": row.kind,
+                "tier": row.tier,
+                "explanation": row.explanation,
+                "explained_by": row.explained_by,
+                "revoked": _when(row.revoked_at) is not None,
+            }
+            for row in explanations[explanations["usage_date"] == day].itertuples(index=False)
+        ],
+    }
+
+
+def build_days_report(
+    org_id: str,
+    month: dt.date,
+    *,
+    control_engine: Engine,
+    billing_engine: Engine,
+    today: dt.date,
+) -> dict:
+    """Per day of the month (days with anything on record): billable hours per tier
+    at list price, what the ledger sent, what the provider recorded, credits proposed
+    and applied, explanations. Schema id `tally.org_days/1` (docs/quota.md)."""
+    if month > today.replace(day=1):
+        raise ReportError(f"--month {month:%Y-%m} is in the future (this month is {today:%Y-%m})")
+    org_row = _lookup_org(control_engine, org_id)
+    pricing, _ = _org_plan(org_id, org_row["plan"])
+    tables = _read_days(billing_engine, org_id, month)
+    lookups: dict = {
+        "billed": _by_day_tier(tables["billed"]),
+        "sent": _by_day_tier(tables["sent"]),
+        "provider": _by_day_tier(tables["provider"]),
+    }
+    lookups["tiers"] = set(lookups["billed"]) | set(lookups["sent"]) | set(lookups["provider"])
+    days = sorted(
+        {day for day, _ in lookups["tiers"]}
+        | {
+            row.usage_date
+            for name in ("proposals", "corrections", "explanations")
+            for row in tables[name].itertuples(index=False)
+        }
+    )
+    return {
+        "schema": DAYS_SCHEMA_ID,
+        "org": _org_section(org_id, org_row),
+        "month": f"{month:%Y-%m}",
+        "currency": "USD",
+        "days": [_day_item(day, tables, pricing, lookups) for day in days],
+    }
+
+
+def _hours_text(hours: float | None) -> str:
+    return "-" if hours is None else f"{hours:.2f}"
+
+
+def render_days_text(report: dict) -> str:
+    org = report["org"]
+    lines = [f"{org['org_id']}  {org['name']}  {report['month']}, per day (UTC), amounts USD"]
+    if not report["days"]:
+        lines.append("no metered usage, credits or explanations this month")
+    for day in report["days"]:
+        lines.append("")
+        lines.append(f"{day['usage_date']}  list price ${day['list_amount']}")
+        if day["tiers"]:
+            lines.append("  tier      billable h    list $   sent h  provider h")
+        for tier in day["tiers"]:
+            unsent = (
+                f"  ({_hours_number(tier['unsent_seconds']):.2f} h not yet sent)"
+                if tier["unsent_seconds"]
+                else ""
+            )
+            lines.append(
+                f"  {tier['tier']:<8} {tier['billable_hours']:>11.2f} {tier['list_amount']:>9}"
+                f" {_hours_number(tier['sent_seconds']):>8.2f} "
+                f"{_hours_text(tier['provider_hours']):>11}{unsent}"
+            )
+        for credit in day["credits_proposed"]:
+            amount = f"${credit['amount']}" if credit["amount"] is not None else "no amount"
+            lines.append(
+                f"  credit proposed #{credit['proposal_id']} {credit['tier']} {credit['kind']}"
+                f" {amount} ({credit['status']})"
+            )
+        for credit in day["credits_applied"]:
+            lines.append(
+                f"  credit applied  #{credit['proposal_id']} {credit['tier']} ${credit['amount']}"
+                f" by {credit['approved_by']} ({credit['method']})"
+            )
+        for item in day["explanations"]:
+            tier = f" {item['tier']}" if item["tier"] else ""
+            revoked = " (revoked)" if item["revoked"] else ""
+            lines.append(
+                f"  explained       {item['kind']}{tier}: {item['explanation']}"
+                f" - {item['explained_by']}{revoked}"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --instance
+
+
+def _instance_inputs(
+    control_engine: Engine, org_id: str, instance_id: str, usage_date: dt.date, metered_at
+):
+    """What the day's metering saw of the org: its instances, throttle and the
+    heartbeats of the look-back window received by the time the day was metered."""
+    from assets.extract import checked_throttle
+    from assets.metering_rules import MeteringRules
+    from resources.db import raw_connection, read_frame
+
+    rules = MeteringRules()
+    with raw_connection(control_engine) as connection:
+        found = read_frame(
+            connection,
+            "org_report/instance_lookup.sql",
+            {"org_id": org_id, "instance_id": instance_id},
+        )
+        if found.empty:
+            raise ReportError(
+                f"no instance '{instance_id}' in organization '{org_id}'; check the id"
+            )
+        instances = read_frame(connection, "org_report/org_instances.sql", {"org_id": org_id})
+        raw_throttle = read_frame(connection, "org_report/org_throttle.sql", {"org_id": org_id})
+        throttle, _ = checked_throttle(raw_throttle, rules)
+        window_start, window_end = rules.lookback_window(
+            usage_date, rules.lookback_span_s(throttle)
+        )
+        heartbeats = read_frame(
+            connection,
+            "org_report/org_heartbeats.sql",
+            {
+                "org_id": org_id,
+                "window_start": window_start,
+                "window_end": window_end,
+                "metered_at": metered_at,
+            },
+        )
+    return instances, throttle, heartbeats, rules
+
+
+def _stamp(epoch: int) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _span_items(spans) -> list[dict]:
+    return [
+        {
+            "start": _stamp(span.start),
+            "end": _stamp(span.end),
+            "seconds": span.end - span.start,
+            "seconds_in_day": span.seconds,
+        }
+        for span in spans
+    ]
+
+
+def build_instance_report(
+    org_id: str,
+    instance_id: str,
+    usage_date: dt.date,
+    *,
+    control_engine: Engine,
+    billing_engine: Engine,
+) -> dict:
+    """One instance's bill for one day from the metering rules (assets/instance_bill.py),
+    beside the stored billed_usage_instances row. Schema id `tally.org_instance/1`."""
+    import pandas as pd
+
+    from assets.instance_bill import explain_instance
+    from resources.db import raw_connection, read_frame
+
+    org_row = _lookup_org(control_engine, org_id)
+    pricing, _ = _org_plan(org_id, org_row["plan"])
+    with raw_connection(billing_engine) as connection:
+        stored = read_frame(
+            connection,
+            "org_report/instance_day.sql",
+            {"org_id": org_id, "instance_id": instance_id, "usage_date": usage_date},
+        ).iloc[0]
+    metered_at = stored["metered_at"]
+    instances, throttle, heartbeats, rules = _instance_inputs(
+        control_engine, org_id, instance_id, usage_date, metered_at
+    )
+    if metered_at is None or pd.isna(metered_at):
+        raise ReportError(
+            f"{usage_date} has not been metered yet; run `tally run --start-date {usage_date} "
+            f"--end-date {usage_date}` first"
+        )
+    bill = explain_instance(
+        heartbeats,
+        instances,
+        throttle,
+        instance_id,
+        usage_date,
+        metered_at.to_pydatetime(),
+        rules,
+        pricing.known_tiers,
+    )
+    from assets.metering_rules import SECONDS_COLUMNS
+
+    stored_seconds = {
+        column: 0 if pd.isna(stored[column]) else int(stored[column]) for column in SECONDS_COLUMNS
+    }
+    rate = pricing.tier_rates.get(bill.tier)
+    return {
+        "schema": INSTANCE_SCHEMA_ID,
+        "org": _org_section(org_id, org_row),
+        "instance_id": instance_id,
+        "tier": bill.tier,
+        "usage_date": usage_date.isoformat(),
+        "metered_at": metered_at.isoformat(),
+        "limits": bill.limits,
+        "seconds": bill.seconds,
+        "hours": {
+            column.removesuffix("_seconds"): _hours_number(value)
+            for column, value in bill.seconds.items()
+        },
+        "list_amount": _money(pricing.amount(bill.seconds["billable_seconds"], bill.tier))
+        if rate
+        else "0.00",
+        "stored_seconds": stored_seconds,
+        "agrees_with_billed_usage": stored_seconds == bill.seconds,
+        "sessions": _span_items(bill.sessions),
+        "idle_cuts": _span_items(bill.idle_cuts),
+        "continuous_cap_cuts": _span_items(bill.continuous_cuts),
+        "daily_cap_cuts": _span_items(bill.daily_cuts),
+    }
+
+
+def render_instance_text(report: dict) -> str:
+    hours, limits = report["hours"], report["limits"]
+
+    def spans(title: str, items: list[dict]) -> list[str]:
+        if not items:
+            return [f"{title:<15}none"]
+        rows = [
+            f"{item['start'][11:19]} - {item['end'][11:19]}"
+            + (
+                f" ({item['start'][:10]} - {item['end'][:10]})"
+                if item["start"][:10] != item["end"][:10]
+                else ""
+            )
+            + f"  {item['seconds_in_day'] / 3600:.2f} h in the day"
+            for item in items
+        ]
+        return [f"{title:<15}{rows[0]}", *(f"{'':<15}{row}" for row in rows[1:])]
+
+    agrees = (
+        "matches billed usage"
+        if report["agrees_with_billed_usage"]
+        else f"DIFFERS from billed usage as stored: {report['stored_seconds']}"
+    )
+    return "\n".join(
+        [
+            f"{report['instance_id']}  ({report['tier']})  of {report['org']['org_id']}"
+            f"  {report['org']['name']}  on {report['usage_date']} (UTC)",
+            f"billed         {hours['billable']:.2f} h  ${report['list_amount']} at list price"
+            f"  ({agrees})",
+            f"ran            {hours['runtime']:.2f} h = {hours['billable']:.2f} billed"
+            f" + {hours['idle_paused']:.2f} idle + {hours['over_continuous']:.2f} over the"
+            f" continuous limit + {hours['over_daily']:.2f} over the daily cap",
+            f"limits         continuous {limits['continuous_limit_s'] / 3600:g} h, org daily "
+            f"{limits['daily_limit_s'] / 3600:g} h, idle timeout "
+            f"{limits['idle_timeout_s'] // 60} min",
+            *spans("sessions", report["sessions"]),
+            *spans("idle cuts", report["idle_cuts"]),
+            *spans("continuous cap", report["continuous_cap_cuts"]),
+            *spans("daily cap", report["daily_cap_cuts"]),
+        ]
+    )
+
+
+def run_org_days(org_id: str, month: dt.date | None, *, as_json: bool) -> int:
+    from resources.db import billing_engine, control_engine
+
+    today = dt.datetime.now(dt.UTC).date()
+    report = build_days_report(
+        org_id,
+        month or today.replace(day=1),
+        control_engine=control_engine(),
+        billing_engine=billing_engine(),
+        today=today,
+    )
+    print(json.dumps(report, indent=2) if as_json else render_days_text(report))
+    return 0
+
+
+def run_org_instance(org_id: str, instance_id: str, usage_date: dt.date, *, as_json: bool) -> int:
+    from resources.db import billing_engine, control_engine
+
+    report = build_instance_report(
+        org_id,
+        instance_id,
+        usage_date,
+        control_engine=control_engine(),
+        billing_engine=billing_engine(),
+    )
+    print(json.dumps(report, indent=2) if as_json else render_instance_text(report))
     return 0

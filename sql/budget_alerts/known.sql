@@ -1,2 +1,4 @@
 -- Thresholds already in the ledger for the given months (report-only preview).
-SELECT org_id, month, threshold FROM billing.budget_alert_ledger WHERE month = ANY(%(months)s)
+SELECT org_id, month, kind, threshold
+FROM billing.budget_alert_ledger
+WHERE month = ANY(%(months)s)

@@ -5,4 +5,5 @@ SET status = %(status)s,
     attempts = attempts + CASE WHEN %(status)s = 'pending' THEN 1 ELSE 0 END,
     sent_at = CASE WHEN %(status)s = 'sent' THEN now() ELSE sent_at END,
     updated_at = now()
-WHERE org_id = %(org_id)s AND month = %(month)s AND threshold = %(threshold)s
+WHERE org_id = %(org_id)s AND month = %(month)s AND kind = %(kind)s
+  AND threshold = %(threshold)s
