@@ -64,7 +64,6 @@ MONEY_MOVING = frozenset(
         DiscrepancyKind.PUSH_WINDOW_EXPIRED,
         DiscrepancyKind.UNKNOWN_CUSTOMER,
         DiscrepancyKind.PUSHED_AFTER_FINALIZATION,
-        DiscrepancyKind.INVOICE_MISMATCH,
     }
 )
 
@@ -105,6 +104,20 @@ INPUT_COLUMNS = {
     "credits": ["proposal_id", "org_id", "tier", "kind", "provider", "seconds", "amount", "status"],
     "explanations": ["kind", "org_id", "tier", "explanation", "explained_by"],
     "activity": ["provider", "customer_id", "last_sent_at", "last_cancel_at"],
+    "customers": ["provider", "customer_id", "known"],
+    "invoices": [
+        "provider",
+        "customer_id",
+        "invoice_id",
+        "period_start",
+        "period_end",
+        "finalized_at",
+        "tier",
+        "seconds",
+    ],
+    "sends": ["org_id", "tier", "provider", "customer_id", "quantity", "sent_at"],
+    # tally's billable seconds over each finalized invoice's period, keyed by period
+    "period_billable": ["period_start", "period_end", "org_id", "tier", "billable_seconds"],
 }
 
 
@@ -135,6 +148,10 @@ class ReconcileInputs:
     credits: pd.DataFrame | None = None
     explanations: pd.DataFrame | None = None
     activity: pd.DataFrame | None = None
+    customers: pd.DataFrame | None = None
+    invoices: pd.DataFrame | None = None
+    sends: pd.DataFrame | None = None
+    period_billable: pd.DataFrame | None = None
     report_only: bool = False
 
     def get(self, name: str) -> pd.DataFrame:

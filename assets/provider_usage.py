@@ -109,8 +109,9 @@ class DayToRead:
 
 def _read_provider(
     provider: str, request: DayToRead, providers: ProvidersResource
-) -> tuple[dict, list[tuple], list[dict], dict[str, int]]:
-    """One provider's day → (read record, usage rows, plan rows, stats)."""
+) -> tuple[dict, list[tuple], list[dict], dict[str, int], dict[str, list[tuple]]]:
+    """One provider's day → (read record, usage rows, plan rows, stats, facts: the
+    customers it has and its finalized invoices)."""
     usage_date, tiers = request.usage_date, request.tiers
     day = provider_day(provider, request.orgs, request.sent)
     customers = day.customers
@@ -125,17 +126,36 @@ def _read_provider(
     }
     if not customers:
         record["status"] = "no_customers"
-        return record, [], [], {}
+        return record, [], [], {}, {}
     if request.report_only:
         # `--report-only`: nothing leaves the machine, reads included.
         record["status"] = "skipped"
         record["note"] = "report-only run: provider not contacted"
-        return record, [], [], {}
+        return record, [], [], {}, {}
     client = providers.client(provider)
     recorded: RecordedUsage = client.recorded_usage(
         usage_date, customers, tiers, day.expected(), create_meters=True
     )
     plans = client.plans(day.current)
+    # Who the provider has (bulk list) and what its finalized invoices bill.
+    known = client.existing_customers(customers)
+    facts: dict[str, list[tuple]] = {
+        "customers": [(provider, customer, customer in known) for customer in customers],
+        "invoices": [
+            (
+                provider,
+                invoice.customer_id,
+                invoice.invoice_id,
+                invoice.period_start,
+                invoice.period_end,
+                invoice.finalized_at,
+                tier,
+                seconds,
+            )
+            for invoice in client.finalized_invoices(customers, tiers)
+            for tier, seconds in sorted((invoice.seconds_by_tier or {"": 0}).items())
+        ],
+    }
     calls = int(client.read_stats()["requests"])
     record.update(
         calls=calls,
@@ -168,14 +188,37 @@ def _read_provider(
         for customer, plan in sorted(plans.items())
         for org_id in day.current.get(customer, [])
     ]
-    return record, usage_rows, plan_rows, stats
+    return record, usage_rows, plan_rows, stats, facts
 
 
-def read_providers(
-    request: DayToRead, providers: ProvidersResource
-) -> tuple[pd.DataFrame, list[dict], pd.DataFrame, dict[str, int]]:
+CUSTOMER_COLUMNS = ["provider", "customer_id", "known"]
+INVOICE_COLUMNS = [
+    "provider",
+    "customer_id",
+    "invoice_id",
+    "period_start",
+    "period_end",
+    "finalized_at",
+    "tier",
+    "seconds",
+]
+
+
+@dataclass
+class DayRead:
+    """What read-back found for the day at every provider."""
+
+    usage: pd.DataFrame
+    reads: list[dict]
+    plans: pd.DataFrame
+    stats: dict[str, int]
+    customers: pd.DataFrame
+    invoices: pd.DataFrame
+
+
+def read_providers(request: DayToRead, providers: ProvidersResource) -> DayRead:
     """Read every provider for the day, the providers side by side (their rate limits
-    are independent) → (usage rows, read records, plan rows, stats)."""
+    are independent)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=len(Provider)) as pool:
@@ -184,23 +227,30 @@ def read_providers(
         ]
         results = [future.result() for future in futures]
     stats = {"stripe_calls": 0, "polar_calls": 0, "customers": 0}
-    reads, usage_rows, plan_rows = [], [], []
-    for record, usage_part, plan_part, stats_part in results:
+    reads, usage_rows, plan_rows, customer_rows, invoice_rows = [], [], [], [], []
+    for record, usage_part, plan_part, stats_part, facts in results:
         reads.append(record)
         usage_rows += usage_part
         plan_rows += plan_part
+        customer_rows += facts.get("customers", [])
+        invoice_rows += facts.get("invoices", [])
         stats.update(stats_part)
         stats["customers"] += stats_part.get(f"{record['provider']}_customers", 0)
     usage = pd.DataFrame(
         usage_rows,
         columns=["usage_date", "org_id", "tier", "provider", "customer_id", "seconds", "exact"],
     )
-    return usage, reads, pd.DataFrame(plan_rows, columns=INPUT_COLUMNS["plans"]), stats
+    return DayRead(
+        usage,
+        reads,
+        pd.DataFrame(plan_rows, columns=INPUT_COLUMNS["plans"]),
+        stats,
+        pd.DataFrame(customer_rows, columns=CUSTOMER_COLUMNS),
+        pd.DataFrame(invoice_rows, columns=INVOICE_COLUMNS),
+    )
 
 
-def write_provider_usage(
-    connection, usage_date: dt.date, usage: pd.DataFrame, reads: list[dict], plans: pd.DataFrame
-) -> None:
+def write_provider_usage(connection, usage_date: dt.date, read: DayRead) -> None:
     params = {"usage_date": usage_date}
     with connection.cursor() as cursor:
         replace_day_rows(
@@ -211,15 +261,27 @@ def write_provider_usage(
                 "provider_usage/delete.sql",
                 "provider_usage/delete_reads.sql",
                 "provider_usage/delete_plans.sql",
+                "provider_usage/delete_customers.sql",
+                "provider_usage/delete_invoices.sql",
             ],
-            copies=[("provider_usage/copy.sql", usage.itertuples(index=False, name=None))],
+            copies=[
+                ("provider_usage/copy.sql", read.usage.itertuples(index=False, name=None)),
+                (
+                    "provider_usage/copy_customers.sql",
+                    ((usage_date, *row) for row in read.customers.itertuples(index=False)),
+                ),
+                (
+                    "provider_usage/copy_invoices.sql",
+                    ((usage_date, *row) for row in read.invoices.itertuples(index=False)),
+                ),
+            ],
         )
         cursor.executemany(
-            load_sql("provider_usage/insert_read.sql"), [{**params, **read} for read in reads]
+            load_sql("provider_usage/insert_read.sql"), [{**params, **read} for read in read.reads]
         )
         cursor.executemany(
             load_sql("provider_usage/insert_plan.sql"),
-            [{**params, **plan} for plan in plans.to_dict("records")],
+            [{**params, **plan} for plan in read.plans.to_dict("records")],
         )
 
 
@@ -273,7 +335,7 @@ def provider_usage(
     with raw_connection(billing_engine) as connection:
         activity = activity_by_target(read_frame(connection, "settlement/activity.sql", params))
     try:
-        usage, reads, plans, stats = read_providers(request, providers)
+        read = read_providers(request, providers)
         # While what the provider shows differs in a shape its processing lag
         # explains, read again (at most `settlement.wait`): the day converges here
         # instead of reporting usage that is on its way.
@@ -283,7 +345,7 @@ def provider_usage(
         while not run_mode.report_only:
             waiting = unsettled_targets(
                 _ledger_totals(sent),
-                _recorded_totals(usage),
+                _recorded_totals(read.usage),
                 activity,
                 dt.datetime.now(dt.UTC),
                 settlement,
@@ -293,7 +355,7 @@ def provider_usage(
                 break
             time.sleep(min(settlement.poll.total_seconds(), left))
             polls += 1
-            usage, reads, plans, stats = read_providers(request, providers)
+            read = read_providers(request, providers)
     except ProviderConfigError as error:  # a missing key: retrying cannot help
         raise Failure(description=str(error), allow_retries=False) from None
     except ProviderError as error:
@@ -304,28 +366,32 @@ def provider_usage(
             read_frame(connection, "provider_usage/real_reads_exist.sql", params)["real"].iloc[0]
         )
         if not kept:
-            write_provider_usage(connection, usage_date, usage, reads, plans)
+            write_provider_usage(connection, usage_date, read)
 
+    stats, usage = read.stats, read.usage
     polar_customers = stats.get("polar_customers", 0)
+    unknown = read.customers[~read.customers["known"].astype(bool)]
     metadata: dict[str, Any] = {
         "usage_date": usage_date.isoformat(),
         "rows": len(usage),
         "customers": stats["customers"],
+        "unknown_customers": len(unknown),
+        "finalized_invoices": int(read.invoices["invoice_id"].nunique()),
         "stripe_calls": stats["stripe_calls"],
         "polar_calls": stats["polar_calls"],
         "polar_one_call_per_customer_would_be": polar_customers * len(tiers),
         "recorded_hours": MetadataValue.float(round(int(usage["seconds"].sum()) / 3600, 3)),
-        "plans_read": len(plans),
+        "plans_read": len(read.plans),
         "report_only": run_mode.report_only,
         "kept_real_reads": kept,
         "settle_polls": polls,
         "settle_waited_s": MetadataValue.float(round(time.monotonic() - started, 1)),
         "still_settling": ", ".join(f"{p}:{c}" for p, c in sorted(waiting)) or "none",
     }
-    for read in reads:
-        metadata[f"{read['provider']}_status"] = read["status"]
-        if read["unread_tiers"]:
-            metadata[f"{read['provider']}_unread_tiers"] = ", ".join(read["unread_tiers"])
-        if read["unattributed_seconds"]:
-            metadata[f"{read['provider']}_unattributed_seconds"] = read["unattributed_seconds"]
+    for record in read.reads:
+        metadata[f"{record['provider']}_status"] = record["status"]
+        if record["unread_tiers"]:
+            metadata[f"{record['provider']}_unread_tiers"] = ", ".join(record["unread_tiers"])
+        if record["unattributed_seconds"]:
+            metadata[f"{record['provider']}_unattributed_seconds"] = record["unattributed_seconds"]
     return MaterializeResult(metadata=metadata)

@@ -60,17 +60,19 @@ from assets.discrepancy import (
 )
 from assets.finance import reconciliation_metadata
 from assets.instance_anomalies import instance_discrepancies
+from assets.invoice_checks import account_discrepancies, drop_covered_by_unknown, unknown_targets
 from assets.pricing import Pricing
 from assets.settlement import SettlementRules, activity_by_target, settle_lagging
 from pipelines.freshness import record_reconciliation
 from pipelines.partitions import daily_partitions, partition_day
 from pipelines.retry import STEP_RETRY
-from resources.calendar import days_in_month, past_stripe_window
+from resources.calendar import days_in_month, past_stripe_window, usage_noon
 from resources.db import PostgresResource, raw_connection, read_frame, replace_day_rows
 from resources.providers import Provider
 from resources.settings import RunMode
 
 Kind = DiscrepancyKind
+ONE_DAY = dt.timedelta(days=1)
 
 
 def _readable(inputs: ReconcileInputs) -> dict[str, set[str]]:
@@ -464,7 +466,9 @@ def compute_discrepancies(
     rows = usage_discrepancies(inputs, pricing, rules)
     rows += plan_discrepancies(inputs, pricing, rules)
     rows += instance_discrepancies(inputs, pricing, rules)
+    rows += account_discrepancies(inputs, pricing)
     frame = pd.DataFrame(rows, columns=DISCREPANCY_COLUMNS, dtype=object)
+    frame = drop_covered_by_unknown(frame, unknown_targets(inputs))
     # What the provider may still be processing is settling, not money moved.
     frame = settle_lagging(
         frame,
@@ -528,8 +532,34 @@ def load_inputs(
             credits=read_frame(connection, "reconcile/credits.sql", params),
             explanations=read_frame(connection, "reconcile/explanations.sql", params),
             activity=read_frame(connection, "settlement/activity.sql", params),
+            customers=read_frame(connection, "reconcile/provider_customers.sql", params),
+            invoices=read_frame(connection, "reconcile/provider_invoices.sql", params),
+            sends=read_frame(connection, "reconcile/ledger_sends.sql", params),
         )
+        inputs.period_billable = _period_billable(connection, inputs.get("invoices"))
     return inputs, with_columns(counters, "counters"), as_utc(latest)
+
+
+def _period_billable(connection, invoices: pd.DataFrame) -> pd.DataFrame:
+    """tally's billable seconds over each distinct invoice period (its UTC days)."""
+    frames = []
+    periods = invoices[["period_start", "period_end"]].drop_duplicates()
+    for row in periods.itertuples(index=False):
+        start, end = as_utc(row.period_start), as_utc(row.period_end)
+        if start is None or end is None:
+            continue
+        # The period's days are those whose noon (where usage is stamped) it holds.
+        first = start.date() if usage_noon(start.date()) >= start else start.date() + ONE_DAY
+        last = end.date() if usage_noon(end.date()) < end else end.date() - ONE_DAY
+        billed = read_frame(
+            connection,
+            "reconcile/period_billable.sql",
+            {"period_first": first, "period_end": last + ONE_DAY},
+        )
+        frames.append(billed.assign(period_start=start, period_end=end))
+    if not frames:
+        return with_columns(None, "period_billable")
+    return pd.concat(frames, ignore_index=True)
 
 
 def write_discrepancies(connection, usage_date: dt.date, discrepancies: pd.DataFrame) -> None:

@@ -49,7 +49,8 @@ def test_polar_calls_stay_far_below_one_per_customer(engine, providers_env):
     assert endpoint_calls(sandbox, "polar", QUANTITIES) == 4 + 5 + 3
     assert meta["polar_one_call_per_customer_would_be"] == 160
     # + meters listed once, 4 tier meters created, subscriptions listed once
-    assert meta["polar_calls"] == 12 + 1 + 4 + 1
+    # + the bulk customer list (one page for any number of customers: issue 10)
+    assert meta["polar_calls"] == 12 + 1 + 4 + 1 + 1
     stored = stored_usage(engine)
     assert stored[("org-p17", "small")] == (60 * (10 + 17 % 5) + 300, True)
     assert stored[("org-p03", "small")] == (60 * 13, False)  # inferred: its group agreed
@@ -72,7 +73,9 @@ def test_stripe_reads_one_summary_per_customer_and_meter(engine, providers_env):
     result = run([provider_usage, reconciliation], stripe_reads_per_second=50)
     # Meters exist for small and gpu only (Stripe refuses events without a meter).
     assert endpoint_calls(providers_env, "stripe", SUMMARIES) == 4 * 2
-    assert metadata_of(result, "provider_usage")["stripe_calls"] == 8 + 1 + 1  # meters, subs
+    # meters, subscriptions; then the bulk lists of customers and invoices (with the
+    # meters and all subscriptions to map invoice lines to tiers): never per customer
+    assert metadata_of(result, "provider_usage")["stripe_calls"] == 8 + 1 + 1 + 4
     stored = stored_usage(engine)
     assert stored[("org-s1", "small")] == (1800, True)
     assert stored[("org-s2", "gpu")] == (900, True)

@@ -323,7 +323,7 @@ def test_clean_day_has_no_discrepancy_at_all(engine, providers_env):
     assert usage["customers"] == 2
     # Stripe: one summary per (customer, meter) + meters + subscriptions; Polar: the
     # whole day per tier meter agrees with the ledger, so one total per meter.
-    assert usage["stripe_calls"] == 2 + 1 + 1
+    assert usage["stripe_calls"] == 2 + 1 + 1 + 4  # + customers, meters, subs, invoices
     stats = providers_env.get("/_sandbox/stats").json()["providers"]["polar"]["endpoints"]
     assert stats["GET /v1/meters/{id}/quantities"] == 4
     with engine.connect() as connection:

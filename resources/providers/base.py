@@ -138,6 +138,19 @@ class CreditResult:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class ProviderInvoice:
+    """A finalized invoice of one customer's billing period, with its metered
+    quantity (seconds) per tier: what the customer is actually billed."""
+
+    customer_id: str
+    invoice_id: str
+    period_start: dt.datetime
+    period_end: dt.datetime
+    finalized_at: dt.datetime
+    seconds_by_tier: dict[str, int]
+
+
 class BillingProvider(Protocol):
     """One provider, as push, read-back and credits use it. Every call goes through
     the provider's call guard (retries, backoff, breaker, rate limit)."""
@@ -172,6 +185,18 @@ class BillingProvider(Protocol):
 
     def plans(self, customers: Iterable[str]) -> dict[str, ProviderPlan]:
         """The plan of each customer's live subscription."""
+        ...
+
+    def existing_customers(self, customers: Iterable[str]) -> set[str]:
+        """Which of `customers` the provider has, from its bulk customer list (not
+        one call per customer)."""
+        ...
+
+    def finalized_invoices(
+        self, customers: Iterable[str], tiers: Iterable[str]
+    ) -> list[ProviderInvoice]:
+        """The customers' finalized invoices with metered lines per tier; [] where
+        the provider bills metered usage otherwise (Polar: by ingestion time)."""
         ...
 
     def apply_credit(

@@ -17,6 +17,7 @@ from resources.providers.base import (
     CreditResult,
     Provider,
     ProviderError,
+    ProviderInvoice,
     ProviderPlan,
     RecordedUsage,
     Rejected,
@@ -292,6 +293,29 @@ class PolarProvider:
         )
 
     # -- doctor ------------------------------------------------------------------
+
+    # -- customers and invoices ----------------------------------------------------
+
+    def existing_customers(self, customers: Iterable[str]) -> set[str]:
+        """Which external customer ids Polar has (its customer list, 100 per page):
+        Polar counts events for customers it does not have, and invoices nobody."""
+        wanted = set(customers)
+        found: set[str] = set()
+        page = 1
+        while wanted:
+            answer = self._call(partial(self.client.customers.list, page=page, limit=100))
+            found |= {c.external_id for c in answer.items if c.external_id in wanted}
+            if page >= (answer.pagination.max_page or 1):
+                break
+            page += 1
+        return found
+
+    def finalized_invoices(
+        self, customers: Iterable[str], tiers: Iterable[str]
+    ) -> list[ProviderInvoice]:
+        """Polar bills metered usage by when it ingested an event, not by the event's
+        day: an order cannot be compared with usage days (docs/reconciliation.md)."""
+        return []
 
     def ping(self) -> None:
         self._call(partial(self.client.meters.list, page=1, limit=1))

@@ -19,6 +19,7 @@ from resources.providers.base import (
     CreditResult,
     Provider,
     ProviderError,
+    ProviderInvoice,
     ProviderPlan,
     RecordedUsage,
     Rejected,
@@ -360,6 +361,64 @@ class StripeProvider:
         return CreditResult(CorrectionMethod.STRIPE_BALANCE_TRANSACTION, reference)
 
     # -- doctor ------------------------------------------------------------------
+
+    # -- customers and invoices ----------------------------------------------------
+
+    def _all(self, lister: Callable[[Any], Any], params: dict[str, Any]) -> Iterable[Any]:
+        """Every object of a Stripe list, 100 per page."""
+        params = {"limit": 100, **params}
+        while True:
+            page = self._read(partial(lister, _params(params)))
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            params["starting_after"] = page.data[-1].id
+
+    def existing_customers(self, customers: Iterable[str]) -> set[str]:
+        wanted = set(customers)
+        return {c.id for c in self._all(self.client.v1.customers.list, {}) if c.id in wanted}
+
+    def finalized_invoices(
+        self, customers: Iterable[str], tiers: Iterable[str]
+    ) -> list[ProviderInvoice]:
+        """Finalized invoices of `customers`; a line is a tier's when its subscription
+        item's price is metered by that tier's meter."""
+        wanted = set(customers)
+        if not wanted:
+            return []
+        meter_tier = {meter: tier for tier, meter in self.tier_meters(tiers).items()}
+        item_tier: dict[str, str] = {}
+        for subscription in self._all(self.client.v1.subscriptions.list, {"status": "all"}):
+            items = _stripe_metadata(subscription, "items", container=True)
+            for item in items.data if items is not None else []:
+                recurring = getattr(item.price, "recurring", None)
+                meter = getattr(recurring, "meter", None) if recurring else None
+                if meter in meter_tier:
+                    item_tier[item.id] = meter_tier[meter]
+        found: list[ProviderInvoice] = []
+        for invoice in self._all(self.client.v1.invoices.list, {}):
+            customer = invoice.customer if isinstance(invoice.customer, str) else None
+            finalized = invoice.status_transitions.finalized_at
+            if customer not in wanted or finalized is None or customer is None:
+                continue
+            seconds: dict[str, int] = {}
+            for line in invoice.lines.data:
+                parent = getattr(line, "parent", None)
+                details = getattr(parent, "subscription_item_details", None) if parent else None
+                tier = item_tier.get(getattr(details, "subscription_item", None) or "")
+                if tier is not None:
+                    seconds[tier] = seconds.get(tier, 0) + int(line.quantity or 0)
+            found.append(
+                ProviderInvoice(
+                    customer,
+                    invoice.id,
+                    dt.datetime.fromtimestamp(invoice.period_start, dt.UTC),
+                    dt.datetime.fromtimestamp(invoice.period_end, dt.UTC),
+                    dt.datetime.fromtimestamp(finalized, dt.UTC),
+                    seconds,
+                )
+            )
+        return found
 
     def ping(self) -> None:
         try:

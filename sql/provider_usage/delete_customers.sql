@@ -1,0 +1,1 @@
+DELETE FROM billing.provider_customers WHERE usage_date = %(usage_date)s
