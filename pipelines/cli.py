@@ -417,6 +417,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
 
+def cmd_credits(args: argparse.Namespace) -> int:
+    from pipelines import credits_cli
+
+    try:
+        if args.credits_command == "approve":
+            credits_cli.check_names(args.by, args.ticket)  # before any database
+        _check_databases(migrate=True)
+        if args.credits_command == "list":
+            return credits_cli.run_list(as_json=args.json)
+        if args.credits_command == "approve":
+            return credits_cli.run_approve(args.id, args.by, args.ticket)
+        return credits_cli.run_apply(args.id, echo=lambda line: print(line, flush=True))
+    except credits_cli.CreditsError as error:
+        raise UsageError(str(error)) from None
+
+
 # --------------------------------------------------------------------------- alerts
 
 
@@ -594,6 +610,20 @@ def build_parser() -> argparse.ArgumentParser:
     alert_test = alert_actions.add_parser("test", help="e-mail the org's billing address")
     alert_test.add_argument("--org", required=True, metavar="ORG_ID")
     alert_test.set_defaults(handler=cmd_alerts_test)
+
+    credits = commands.add_parser("credits", help="credit proposals: list, approve, apply")
+    actions = credits.add_subparsers(
+        dest="credits_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    listing = actions.add_parser("list", help="open proposals across days, net amount, level")
+    listing.add_argument("--json", action="store_true")
+    approve = actions.add_parser("approve", help="record an approval (refused below level)")
+    approve.add_argument("--id", type=int, required=True, metavar="N")
+    approve.add_argument("--by", required=True, metavar="NAME", help="approver, as on the roster")
+    approve.add_argument("--ticket", required=True, metavar="TICKET", help="support ticket id")
+    apply = actions.add_parser("apply", help="run issue_credits for approved proposals")
+    apply.add_argument("--id", type=int, metavar="N", help="default: every approved proposal")
+    credits.set_defaults(handler=cmd_credits)
     return parser
 
 
