@@ -67,15 +67,16 @@ class HeartbeatColumns:
     def with_own_categories(self) -> HeartbeatColumns:
         """The same rows with only the ids they use as categories, so a group's frame
         does not carry (and group by) every instance of the day."""
-        used, local = np.unique(self.code[self.code >= 0], return_inverse=True)
-        code = np.full(len(self.code), -1, dtype=np.int32)
-        code[self.code >= 0] = local
+        known = self.code >= 0
+        used = np.bincount(self.code[known], minlength=len(self.categories)) > 0  # no sort
+        local = (np.cumsum(used) - 1).astype(np.int32)
+        code = np.where(known, local[np.where(known, self.code, 0)], -1).astype(np.int32)
         return HeartbeatColumns(
             code,
             self.sent_us,
             self.active,
             self.received_us,
-            [self.categories[int(position)] for position in used],
+            [self.categories[int(position)] for position in np.flatnonzero(used)],
         )
 
     def to_frame(self) -> pd.DataFrame:
