@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from enum import StrEnum
 
 from dagster import ConfigurableResource
 
@@ -28,13 +29,14 @@ class ProvidersResource(ConfigurableResource):
     stripe_api_base: str = ""
     polar_access_token: str = ""
     polar_api_base: str = ""
-    stripe_writes_per_second: float = 1000.0
+    # None: the limit of the key's mode (STRIPE_RATE_LIMITS); set to override.
+    stripe_writes_per_second: float | None = None
     polar_requests_per_minute: float = 500.0
     polar_batch_size: int = 100
     stripe_concurrency: int = 16
-    # Reads (reconciliation): Stripe's live read limit is ~100/s; Polar's 500/min
-    # covers every request. Polar customers are asked for in groups of this size.
-    stripe_reads_per_second: float = 100.0
+    # Reads (reconciliation): by the key's mode unless set; Polar's 500/min covers
+    # every request. Polar customers are asked for in groups of this size.
+    stripe_reads_per_second: float | None = None
     stripe_read_concurrency: int = 16
     polar_group_size: int = 100
 
@@ -68,11 +70,35 @@ def _credentials(settings: ProvidersResource, provider: Provider) -> tuple[str, 
     return _require(key, key_variable, provider), base
 
 
+class StripeKeyMode(StrEnum):
+    LIVE = "live"
+    TEST = "test"
+
+
+# Requests per second Stripe allows (writes, reads): live mode takes 1000 meter
+# events and ~100 reads a second; test mode keys are limited to 25 of each.
+STRIPE_RATE_LIMITS = {StripeKeyMode.LIVE: (1000.0, 100.0), StripeKeyMode.TEST: (25.0, 25.0)}
+
+
+def stripe_key_mode(key: str) -> StripeKeyMode:
+    """A secret or restricted key says its mode in its prefix (sk_test_, rk_live_…)."""
+    return StripeKeyMode.TEST if key.startswith(("sk_test_", "rk_test_")) else StripeKeyMode.LIVE
+
+
+def stripe_rate_limits(settings: ProvidersResource, key: str) -> tuple[float, float]:
+    """(writes, reads) per second: the settings where given, else the key mode's."""
+    writes, reads = STRIPE_RATE_LIMITS[stripe_key_mode(key)]
+    return (
+        writes if settings.stripe_writes_per_second is None else settings.stripe_writes_per_second,
+        reads if settings.stripe_reads_per_second is None else settings.stripe_reads_per_second,
+    )
+
+
 def _stripe(settings: ProvidersResource) -> BillingProvider:
     from resources.providers.stripe_provider import StripeProvider
 
     key, base = _credentials(settings, Provider.STRIPE)
-    writes, reads = settings.stripe_writes_per_second, settings.stripe_reads_per_second
+    writes, reads = stripe_rate_limits(settings, key)
     return StripeProvider(
         key, base, writes, settings.stripe_concurrency, reads, settings.stripe_read_concurrency
     )
