@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench stop clean
+.PHONY: install demo test lint bench screenshot stop clean
 
 install: $(BIN)/tally
 
@@ -28,6 +28,12 @@ bench: install
 	$(BIN)/python benchmarks/metering.py
 	$(BIN)/python benchmarks/push.py
 	$(BIN)/python benchmarks/reconcile.py
+
+# PNGs of the demo's finance review and reconciliation pages in docs/img, taken with
+# Debian's chromium (apt-get install chromium); not part of `make test`.
+screenshot: install
+	$(BIN)/tally demo
+	$(BIN)/python -m pipelines.screenshot
 
 # The embedded PostgreSQL and the demo's sandbox outlive `make demo`; this stops them.
 stop:
