@@ -204,13 +204,17 @@ class HeartbeatSpill:
         with only the ids they use as categories."""
         return self._read_group(group).with_own_categories()
 
-    def _read_group(self, group: int) -> HeartbeatColumns:
-        parts = []
+    def _batches(self, group: int) -> list[pa.RecordBatch]:
+        """The group's record batches, memory-mapped (read only where touched)."""
+        batches = []
         for path in self._files[group]:
             if path.exists():
-                with pa.OSFile(str(path), "rb") as source:
-                    parts.append(pa.ipc.open_file(source).read_all())
-        table = pa.concat_tables(parts) if parts else _SPILL_SCHEMA.empty_table()
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+                batches += [reader.get_batch(index) for index in range(reader.num_record_batches)]
+        return batches
+
+    def _read_group(self, group: int) -> HeartbeatColumns:
+        table = pa.Table.from_batches(self._batches(group), schema=_SPILL_SCHEMA)
         columns = {
             name: np.ascontiguousarray(table.column(name).to_numpy())
             for name in _SPILL_SCHEMA.names
@@ -218,13 +222,21 @@ class HeartbeatSpill:
         return HeartbeatColumns(categories=self.categories, **columns)
 
     def take(self, rows: np.ndarray) -> HeartbeatColumns:
-        """Rows by position in the groups laid end to end (the checks' spread sample)."""
-        starts = np.concatenate([[0], np.cumsum(self._rows)])
+        """Rows by position in the groups laid end to end (the checks' spread sample),
+        picked batch by batch: only the pages holding them are read."""
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
         parts = []
+        offset = 0
         for group in range(self.groups):
-            inside = rows[(rows >= starts[group]) & (rows < starts[group + 1])]
-            if len(inside):
-                parts.append(self._read_group(group).take(inside - starts[group]))
+            for batch in self._batches(group):
+                lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
+                if hi > lo:
+                    picked = rows[lo:hi] - offset
+                    columns = {
+                        name: batch.column(name).to_numpy()[picked] for name in _SPILL_SCHEMA.names
+                    }
+                    parts.append(HeartbeatColumns(categories=self.categories, **columns))
+                offset += batch.num_rows
         return HeartbeatColumns.concat(parts, self.categories)
 
 

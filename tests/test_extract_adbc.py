@@ -10,6 +10,7 @@ import gc
 import os
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -137,6 +138,27 @@ def test_the_spilled_extract_is_the_window_and_meters_like_the_full_history(
 
     pd.testing.assert_frame_equal(quarantine(whole), quarantine(grouped))
     assert {"future", "unknown_instance"} <= set(grouped.quarantine["reason"])
+
+
+def test_take_picks_rows_in_the_groups_laid_end_to_end(world: sa.Engine) -> None:
+    spill = extract_day(world, DAY, RUN_TIME, RULES, rows_per_group=1_500).heartbeats
+    assert isinstance(spill, HeartbeatSpill) and spill.groups > 5
+    everything = spill.take(np.arange(len(spill)))
+    assert len(everything) == len(spill)
+    offset = 0
+    for group in range(spill.groups):
+        rows = spill.group(group)
+        assert (everything.sent_us[offset : offset + len(rows)] == rows.sent_us).all()
+        ids = [rows.categories[code] if code >= 0 else None for code in rows.code]
+        assert ids == [
+            everything.categories[code] if code >= 0 else None
+            for code in everything.code[offset : offset + len(rows)]
+        ]
+        offset += len(rows)
+    picks = np.array([0, 7, len(spill) // 2, len(spill) - 1])
+    some = spill.take(picks)
+    for name in ("code", "sent_us", "active", "received_us"):
+        assert (getattr(some, name) == getattr(everything, name)[picks]).all()
 
 
 def test_the_spill_directory_goes_with_the_extract(world: sa.Engine) -> None:
