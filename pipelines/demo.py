@@ -48,6 +48,48 @@ def _simulate_double_charge(engine: Engine, sandbox: DemoSandbox, day: dt.date) 
     print(f"simulated a duplicate charge at Stripe: {org_id}, small tier, 2.0 h on {day}")
 
 
+def _subscribe_closed_period(engine: Engine, sandbox: DemoSandbox, days: list[dt.date]) -> None:
+    """One Stripe customer on weekly billing periods, one of which ended (and its
+    invoice finalized, after Stripe's default 1 h grace) in the middle of the demo's
+    week: the demo pushes afterwards, as a late backfill would, so reconciliation shows
+    `pushed_after_finalization` and the invoice check `invoice_mismatch`."""
+    from resources.db import raw_connection, read_frame
+
+    if len(days) < 5:
+        return
+    with raw_connection(engine) as connection:
+        target = read_frame(connection, "demo/invoice_target.sql")
+    if target.empty:
+        return
+    org_id, customer = target.iloc[0]
+    start = days[0] - dt.timedelta(days=3)
+    sandbox.post(
+        "/_sandbox/subscriptions",
+        json={
+            "provider": "stripe",
+            "customer": customer,
+            "plan": "usage-only",
+            "period_start": start.isoformat(),
+            "interval": "week",
+        },
+    ).raise_for_status()
+    ended = start + dt.timedelta(days=7)
+    print(f"{org_id} is billed weekly at Stripe; its period {start} .. {ended} has closed")
+
+
+def _run_last_day_while_stripe_processes(last: dt.date, sandbox: DemoSandbox) -> int:
+    """The last day is pushed while Stripe still processes meter events (2 h, as it
+    may): its differences are `provider_settling`, not money moved; any later run
+    re-reads it until it converges."""
+    sandbox.post("/_sandbox/faults", json={"processing_delay_s": 7200}).raise_for_status()
+    os.environ["TALLY_SETTLE_WAIT_S"] = "0"  # show it settling rather than wait
+    try:
+        return run_days([last], report_only=False, echo=lambda line: print(line, flush=True))
+    finally:
+        sandbox.post("/_sandbox/faults", json={"processing_delay_s": 0}).raise_for_status()
+        os.environ.pop("TALLY_SETTLE_WAIT_S", None)
+
+
 def _create_customers(engine: Engine, sandbox: DemoSandbox) -> None:
     """Create every seeded org's customer at its provider, as onboarding would:
     Stripe counts usage only for customers that exist."""
@@ -143,7 +185,11 @@ def _seed_and_run(
     _create_customers(engine, sandbox)
     usage_days = [end_date - dt.timedelta(days=offset) for offset in range(days - 1, -1, -1)]
     _simulate_double_charge(engine, sandbox, usage_days[len(usage_days) // 2])
-    failures = run_days(usage_days, report_only=False, echo=lambda line: print(line, flush=True))
+    _subscribe_closed_period(engine, sandbox, usage_days)
+    failures = run_days(
+        usage_days[:-1], report_only=False, echo=lambda line: print(line, flush=True)
+    )
+    failures += _run_last_day_while_stripe_processes(usage_days[-1], sandbox)
     print("\nDaily summary (hours; recorded = what the provider holds after the push)")
     print(SUMMARY_HEADER)
     for day in usage_days:

@@ -79,10 +79,10 @@ def discrepancy_report(start: dt.date, end: dt.date) -> list[str]:
         if lines:
             lines.append("")
         lines.append(title)
-        lines.append(f"kind                  found  unexplained    hours  {money:>14}")
+        lines.append(f"kind                       found  unexplained    hours  {money:>14}")
         for row in chosen:
             lines.append(
-                f"{_text(row['kind']):<20}  {int(_number(row['found'])):>5}  "
+                f"{_text(row['kind']):<25}  {int(_number(row['found'])):>5}  "
                 f"{int(_number(row['unexplained'])):>11}  {_hours(int(_number(row['seconds']))):>7}"
                 f"  {_number(row['dollars']):>14,.2f}"
             )
