@@ -1,15 +1,16 @@
 """Metering benchmark: `tally run --report-only` for one day vs a bare COPY.
 
-10,000 instances (1,000 orgs) × one heartbeat a minute for the day and the day
-before (≈ 28.8 M rows) in PostgreSQL. Prints the wall time of the run, of a bare
-`COPY (the day's heartbeats) TO STDOUT` measured in the same process, their ratio
-and the run's peak RSS. Run by hand:
+For each size (default 10,000 instances, 10 per org) × one heartbeat a minute for
+the day and the day before (≈ 2,880 rows an instance) in PostgreSQL: the rows, a
+bare `COPY (the day's heartbeats) TO STDOUT` measured in the same run, the wall
+time of the run, their ratio and the run's own peak RSS (os.wait4 on the child).
+Each figure is the median of --repeat runs. Run by hand:
 
-    .venv/bin/python benchmarks/metering.py [--instances 10000] [--database-url URL]
+    .venv/bin/python benchmarks/metering.py [--instances 10000,20000,40000] [--repeat 3]
 
 Uses BENCH_DATABASE_URL / --database-url, else the server at 127.0.0.1:5432, else
-the embedded one; creates (and leaves, for re-runs with --reuse) database
-`tally_bench`.
+the embedded one; creates (and leaves, for re-runs with --reuse) one database per
+size, `tally_bench_metering_<instances>`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -35,13 +36,26 @@ from resources import db  # noqa: E402
 DAY = dt.date(2026, 11, 20)
 
 
+def database_name(instances: int) -> str:
+    return f"tally_bench_metering_{instances}"
+
+
+def bench_url_for(url: str, instances: int) -> str:
+    return (
+        sa.engine.make_url(url)
+        .set(database=database_name(instances))
+        .render_as_string(hide_password=False)
+    )
+
+
 def build(url: str, instances: int, orgs: int) -> None:
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    name = database_name(instances)
     with admin.connect() as connection:
-        connection.execute(sa.text("DROP DATABASE IF EXISTS tally_bench WITH (FORCE)"))
-        connection.execute(sa.text("CREATE DATABASE tally_bench"))
-    bench_url = sa.engine.make_url(url).set(database="tally_bench")
-    engine = sa.create_engine(bench_url)
+        connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        connection.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    engine = sa.create_engine(bench_url_for(url, instances))
     db.create_control_plane(engine)
     started = time.monotonic()
     with engine.begin() as connection:
@@ -87,15 +101,33 @@ def build(url: str, instances: int, orgs: int) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(sa.text("VACUUM ANALYZE heartbeats"))
         rows = connection.execute(sa.text("SELECT count(*) FROM heartbeats")).scalar()
-    print(f"loaded {rows:,} heartbeats in {time.monotonic() - started:.0f} s", flush=True)
+    engine.dispose()
+    print(
+        f"{instances:,} instances: loaded {rows:,} heartbeats in "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
 
 
-def bare_copy_seconds(bench_url: str) -> tuple[float, int]:
+def existing_instances(bench_url: str) -> int | None:
+    """How many instances the size's database holds (None: no such database)."""
+    engine = sa.create_engine(bench_url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(sa.text("SELECT count(*) FROM instances")).scalar())
+    except sa.exc.OperationalError:
+        return None
+    finally:
+        engine.dispose()
+
+
+def bare_copy_seconds(bench_url: str) -> tuple[float, int, int]:
+    """The baseline: a text COPY of the day's heartbeats (seconds, bytes, rows)."""
     engine = sa.create_engine(bench_url)
     day_start = dt.datetime.combine(DAY, dt.time(), dt.UTC)
     with db.raw_connection(engine) as connection, connection.cursor() as cursor:
         started = time.monotonic()
-        size = 0
+        size = rows = 0
         with cursor.copy(
             "COPY (SELECT * FROM heartbeats WHERE sent_at >= %(start)s AND sent_at < %(end)s) "
             "TO STDOUT",
@@ -103,60 +135,105 @@ def bare_copy_seconds(bench_url: str) -> tuple[float, int]:
         ) as copy:
             for chunk in copy:
                 size += len(chunk)
-        return time.monotonic() - started, size
+                rows += 1  # one CopyData message per row
+        elapsed = time.monotonic() - started
+    engine.dispose()
+    return elapsed, size, rows
 
 
-def tally_run_seconds(bench_url: str) -> tuple[float, float, str]:
+def tally_run(bench_url: str) -> subprocess.Popen:
     env = {**os.environ, "DATABASE_URL": bench_url, "TALLY_HOME": str(ROOT / ".tally" / "bench")}
     env.pop("BILLING_DATABASE_URL", None)
     env.pop("DAGSTER_HOME", None)
-    started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "run",
-            "--start-date",
-            DAY.isoformat(),
-            "--end-date",
-            DAY.isoformat(),
-            "--report-only",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "run",
+        "--start-date",
+        DAY.isoformat(),
+        "--end-date",
+        DAY.isoformat(),
+        "--report-only",
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    elapsed = time.monotonic() - started
-    if result.returncode != 0:
-        raise SystemExit(f"tally run failed:\n{result.stdout}\n{result.stderr}")
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return elapsed, peak_rss_mib, result.stdout.strip().splitlines()[-1]
+
+
+def wait_child(process: subprocess.Popen) -> tuple[float, str]:
+    """Wait for one child: (its own peak RSS in MiB, its output); exit on failure."""
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"tally run failed:\n{output}")
+    return usage.ru_maxrss / 1024, output.strip().splitlines()[-1]
+
+
+def tally_run_seconds(bench_url: str) -> tuple[float, float, str]:
+    started = time.monotonic()
+    peak_rss_mib, last_line = wait_child(tally_run(bench_url))
+    return time.monotonic() - started, peak_rss_mib, last_line
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=10_000)
-    parser.add_argument("--orgs", type=int, default=1_000)
+    parser.add_argument(
+        "--instances", default="10000", help="comma-separated sizes, e.g. 10000,20000,40000"
+    )
+    parser.add_argument("--per-org", type=int, default=10, help="instances per org")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
-    parser.add_argument("--reuse", action="store_true", help="keep an existing tally_bench")
+    parser.add_argument("--reuse", action="store_true", help="keep an existing size database")
     args = parser.parse_args()
+    try:
+        sizes = [int(size) for size in args.instances.split(",")]
+    except ValueError:
+        parser.error(f"--instances {args.instances!r}: give sizes like 10000,20000,40000")
     url = server_url(args.database_url)
-    bench_url = (
-        sa.engine.make_url(url).set(database="tally_bench").render_as_string(hide_password=False)
-    )
-    if not args.reuse:
-        build(url, args.instances, args.orgs)
-    copy_seconds, copy_bytes = bare_copy_seconds(bench_url)
-    run_seconds, peak_rss, last_line = tally_run_seconds(bench_url)
-    print(last_line)
+    rows_out = []
+    for instances in sizes:
+        bench_url = bench_url_for(url, instances)
+        if not (args.reuse and existing_instances(bench_url) == instances):
+            build(url, instances, max(1, instances // args.per_org))
+        copies, runs, ratios, peaks = [], [], [], []
+        day_rows = 0
+        last_line = ""
+        for _ in range(args.repeat):
+            # Paired: the baseline and the run back to back, so a busy machine
+            # slows both and the ratio keeps its meaning.
+            copy_seconds, _, day_rows = bare_copy_seconds(bench_url)
+            run_seconds, peak_rss, last_line = tally_run_seconds(bench_url)
+            copies.append(copy_seconds)
+            runs.append(run_seconds)
+            ratios.append(run_seconds / copy_seconds)
+            peaks.append(peak_rss)
+            print(
+                f"  {instances:,}: COPY {copy_seconds:.2f} s, run {run_seconds:.2f} s "
+                f"(×{ratios[-1]:.2f}), {peak_rss:,.0f} MiB",
+                flush=True,
+            )
+        print(f"  {last_line}")
+        rows_out.append((instances, day_rows, copies, runs, ratios, peaks))
+    print()
+    print("| instances | day rows | COPY s | tally s | ratio run / COPY | peak RSS MiB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for instances, day_rows, copies, runs, ratios, peaks in rows_out:
+        print(
+            f"| {instances:,} | {day_rows:,} | {median(copies):.2f} | {median(runs):.2f} | "
+            f"**{median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) | "
+            f"{max(peaks):,.0f} |"
+        )
     print(
-        f"bare COPY of the day's heartbeats : {copy_seconds:8.2f} s ({copy_bytes / 2**20:,.0f} MiB)"
+        f"(medians of {args.repeat} paired runs, ratio range in brackets, peak RSS the "
+        f"largest; load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)"
     )
-    print(f"tally run --report-only (one day) : {run_seconds:8.2f} s")
-    print(f"ratio run / COPY                  : {run_seconds / copy_seconds:8.2f}  (target ≤ 3)")
-    print(f"peak RSS of tally run             : {peak_rss:8.0f} MiB (target ≤ 2048)")
 
 
 if __name__ == "__main__":
