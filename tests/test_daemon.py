@@ -182,11 +182,12 @@ def test_daemon_and_webserver_run_the_schedule_queue_and_sensors(
         providers_env.post("/_sandbox/faults", json={"latency_ms": 1500}).raise_for_status()
         first = launch()
         wait_for(
-            lambda: _status(instance, first) == DagsterRunStatus.STARTED,
+            lambda: _status(instance, first) in (DagsterRunStatus.STARTED, *FINISHED),
             START_S,
             "the daemon to dequeue and start the first run",
             context=context,
         )
+        assert _status(instance, first) == DagsterRunStatus.STARTED, context()
         pid = wait_for(lambda: _run_pid(instance, first), RUN_S, "the run's pid", context=context)
         assert pid not in (os.getpid(), daemon.pid)
         ancestors = {parent.pid for parent in psutil.Process(pid).parents()}
@@ -277,15 +278,22 @@ def test_daemon_and_webserver_run_the_schedule_queue_and_sensors(
         # -- the schedule RUNNING and the sensors ticking in the daemon
         schedule = graphql(SCHEDULE_QUERY, {"selector": {**repository, "scheduleName": SCHEDULE}})
         assert schedule["scheduleOrError"]["scheduleState"]["status"] == "RUNNING"
-        sensors = graphql(SENSORS_QUERY, {"repository": repository})["sensorsOrError"]["results"]
-        states = {sensor["name"]: sensor["sensorState"] for sensor in sensors}
-        for name in ("reconciliation_freshness", "run_failure_alerts"):
+        sensors = ("reconciliation_freshness", "run_failure_alerts")
+
+        def ticked() -> bool:
+            stored = {state.instigator_name: state for state in instance.all_instigator_state()}
+            return all(
+                name in stored
+                and instance.get_ticks(stored[name].instigator_origin_id, stored[name].selector_id)
+                for name in sensors
+            )
+
+        wait_for(ticked, START_S, "both sensors to tick in the daemon", context=context)
+        listed = graphql(SENSORS_QUERY, {"repository": repository})["sensorsOrError"]["results"]
+        states = {sensor["name"]: sensor["sensorState"] for sensor in listed}
+        for name in sensors:
             assert states[name]["status"] == "RUNNING", name
-            assert states[name]["ticks"], f"{name} never ticked\n{context()}"
-        stored = {state.instigator_name: state for state in instance.all_instigator_state()}
-        for name in ("reconciliation_freshness", "run_failure_alerts"):
-            ticks = instance.get_ticks(stored[name].instigator_origin_id, stored[name].selector_id)
-            assert ticks, name
+            assert states[name]["ticks"], name
 
 
 def _value(entry: dict):
