@@ -11,7 +11,10 @@ The schedule's tick at a chosen time: the webserver's code server evaluates
 `daily_billing_schedule` for that time (GraphQL `scheduleDryRun`, the UI's "Test
 schedule"), and its run request is submitted through GraphQL `launchRun` (what the
 UI's "Launch run" of that dialog does) — only this step stands in for the daemon's
-own cron tick, which cannot be moved to a chosen time. The webserver enqueues the
+own cron tick, which cannot be moved to a chosen time. The run config adds one
+thing to the schedule's: the in-process executor (steps in the run's process; the
+default starts one process per step, each importing the code location), and the
+run carries the schedule's name as a tag. The webserver enqueues the
 run (QUEUED); the daemon's queued run coordinator dequeues it and the
 DefaultRunLauncher starts it in a process of its own under the daemon's code
 server. A second run of the same day waits in the queue while the first is in
