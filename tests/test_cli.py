@@ -109,25 +109,37 @@ def test_demo_end_to_end(tmp_path):
         for key, value in os.environ.items()
         if key not in ("DATABASE_URL", "BILLING_DATABASE_URL", "DAGSTER_HOME")
     }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "demo",
-            "--days",
-            "2",
-            "--orgs",
-            "5",
-            "--instances",
-            "10",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**env_clean, "TALLY_HOME": env["TALLY_HOME"]},
-    )
+    demo_env = {**env_clean, "TALLY_HOME": env["TALLY_HOME"]}
+    root = Path(__file__).resolve().parents[1]
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "demo",
+                "--days",
+                "2",
+                "--orgs",
+                "5",
+                "--instances",
+                "10",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=root,
+            env=demo_env,
+        )
+    finally:
+        # The demo leaves its PostgreSQL and sandbox up for `tally ui`: stop them.
+        subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "stop"],
+            capture_output=True,
+            timeout=120,
+            cwd=root,
+            env=demo_env,
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     header = next(index for index, line in enumerate(lines) if line.startswith("day "))
