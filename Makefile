@@ -33,7 +33,7 @@ bench: install
 # Debian's chromium (apt-get install chromium); not part of `make test`.
 screenshot: install
 	$(BIN)/tally demo
-	$(BIN)/python -m pipelines.screenshot
+	$(BIN)/python scripts/screenshot.py
 
 # The embedded PostgreSQL and the demo's sandbox outlive `make demo`; this stops them.
 stop:

@@ -3,7 +3,8 @@
 Starts `tally ui` on the demo's local instance, drives Debian's `chromium` over the
 Chrome DevTools protocol (a websocket; no browser download) and writes a PNG of the
 finance review asset and of the reconciliation asset to docs/img/. Run `tally demo`
-first (the Makefile target does)."""
+first (the Makefile target does). A developer's tool, not part of the code location
+(the image does not ship it)."""
 
 from __future__ import annotations
 
@@ -258,7 +259,7 @@ def take(out: Path, port: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.screenshot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python scripts/screenshot.py", description=__doc__)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "img")
     parser.add_argument("--port", type=int, default=0, help="tally ui's port (default: free)")
     args = parser.parse_args(argv)
