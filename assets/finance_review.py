@@ -80,6 +80,11 @@ class ProposalLine:
     escalation: str
     age_days: int
 
+    @property
+    def handed_back(self) -> Decimal | None:
+        """Net of included hours; a proposal not yet priced net counts at list."""
+        return self.net_amount if self.net_amount is not None else self.amount
+
 
 @dataclass(frozen=True)
 class DiscrepancyLine:
@@ -182,8 +187,7 @@ def _names(orgs: pd.DataFrame) -> dict[str, str]:
 
 
 def _net(line: ProposalLine) -> Decimal | None:
-    """Net of included hours; a proposal not yet priced net counts at list."""
-    return line.net_amount if line.net_amount is not None else line.amount
+    return line.handed_back
 
 
 def _proposal_lines(inputs: ReviewInputs, names: dict[str, str]) -> list[ProposalLine]:

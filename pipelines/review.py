@@ -101,7 +101,8 @@ def render_text(review: FinanceReview) -> str:
     lines += ["", "open credit proposals"]
     lines += [
         f"  #{line.proposal_id:<5} {line.org_id} ({line.org_name})  {line.usage_date}  "
-        f"{line.kind} {line.tier}  {line.hours:.1f} h  {usd(line.amount)}  "
+        f"{line.kind} {line.tier}  {line.hours:.1f} h  {usd(line.handed_back)} net "
+        f"({usd(line.amount)} at list)  "
         f"{line.escalation}  {line.age_days} d old"
         for line in review.proposals
     ] or ["  none"]
