@@ -133,12 +133,19 @@ def settle_lagging(
     org with a settling over-charge settles with it."""
     if frame.empty:
         return frame
+    # Only rows of the lag's kinds at a provider that processes asynchronously can
+    # settle: look at those alone (a day can hold thousands of other rows).
+    asynchronous = {p.value for p in Provider if p.processes_asynchronously}
+    candidates = frame[
+        frame["kind"].isin(list(SHORT_KINDS | OVER_KINDS - {Kind.CAP_EXCEEDED}))
+        & frame["provider"].isin(list(asynchronous))
+    ]
+    if candidates.empty or not activity:
+        return frame
     frame = frame.copy()
     settling_over: set[str] = set()
-    for index, row in frame.iterrows():
+    for index, row in candidates.iterrows():
         kind = Kind(row["kind"])
-        if kind is Kind.CAP_EXCEEDED:
-            continue
         provider, customer = row.get("provider"), row.get("customer_id")
         target = None if missing(provider) or missing(customer) else (str(provider), str(customer))
         reason = may_be_settling(kind, target, activity, now, rules)
@@ -149,8 +156,9 @@ def settle_lagging(
         frame.at[index, "detail"] = f"would be {kind.value}: {row['detail']}; {reason}"
         if kind in OVER_KINDS:
             settling_over.add(str(row["org_id"]))
-    for index, row in frame.iterrows():
-        if row["kind"] == Kind.CAP_EXCEEDED and str(row["org_id"]) in settling_over:
+    capped = frame[frame["kind"] == Kind.CAP_EXCEEDED] if settling_over else frame.iloc[:0]
+    for index, row in capped.iterrows():
+        if str(row["org_id"]) in settling_over:
             frame.at[index, "kind"] = Kind.PROVIDER_SETTLING
             frame.at[index, "money_moving"] = False
             frame.at[index, "detail"] = (
