@@ -1,18 +1,18 @@
 """One CLI run of a usage day at a time (issue 9, item 9): a second `tally run` of a
 day already running refuses that day with one clear line (exit 1), sends nothing for
-it, and still runs its other days; the money stays exact. Real processes, the real
-PostgreSQL advisory lock."""
+it, and still runs its other days; the money stays exact. The real CLI, the real
+PostgreSQL advisory lock held on another connection."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import subprocess
-import sys
+import io
 
 import sqlalchemy as sa
 from builders import add_heartbeats, add_instance, add_org, at, every_minute
 from test_push import DAY, sandbox_usage
-from test_push_faults import ROOT, expected_usage, ledger
+from test_push_faults import expected_usage, ledger
 
 EARLY = DAY - dt.timedelta(days=1)
 
@@ -29,15 +29,15 @@ def day_lock_held(engine, day: dt.date) -> bool:
         return bool(connection.execute(HELD, {"day": day.isoformat()}).scalar())
 
 
-def tally_run(start: dt.date, end: dt.date) -> subprocess.Popen:
-    command = ["run", "--start-date", start.isoformat(), "--end-date", end.isoformat()]
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *command],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def tally_run(start: dt.date, end: dt.date) -> tuple[int, str, str]:
+    """`tally run` through the real CLI (`pipelines.cli.main`) in this process, on its
+    own database connections: (exit code, stdout, stderr)."""
+    from pipelines.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", "--start-date", start.isoformat(), "--end-date", end.isoformat()])
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_a_second_run_of_a_running_day_refuses_it_and_runs_its_other_days(
@@ -59,9 +59,8 @@ def test_a_second_run_of_a_running_day_refuses_it_and_runs_its_other_days(
 
     with day_run_lock(EARLY) as held:
         assert held and day_lock_held(engine, EARLY)
-        second = tally_run(EARLY, DAY)
-        out, err = second.communicate(timeout=300)
-    assert second.returncode == 1, (out, err)
+        code, out, err = tally_run(EARLY, DAY)
+    assert code == 1, (out, err)
     busy = [line for line in out.splitlines() if "BUSY" in line]
     assert len(busy) == 1 and str(EARLY) in busy[0], out
     assert "another tally run of this day is in progress" in busy[0]
@@ -73,9 +72,8 @@ def test_a_second_run_of_a_running_day_refuses_it_and_runs_its_other_days(
 
     # Released: the day runs, exactly.
     assert not day_lock_held(engine, EARLY)
-    rerun = tally_run(EARLY, EARLY)
-    out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, (out, err)
+    code, out, err = tally_run(EARLY, EARLY)
+    assert code == 0, (out, err)
     assert sandbox_usage(providers_env, EARLY) == expected_usage(engine, EARLY)
     assert len(expected_usage(engine, EARLY)) == 3
     assert [row[4] for row in ledger(engine, EARLY)] == ["sent"] * 3
