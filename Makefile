@@ -21,9 +21,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Three workers on two cores: most of a test's time is waiting on PostgreSQL, the
+# sandbox and the processes it starts (two workers kept one core busy).
 test: install lint
-	# Three workers on two cores: most of a test's time is waiting on PostgreSQL, the
-	# sandbox and the processes it starts (two workers kept one core busy).
 	$(BIN)/pytest -n 3 --dist loadgroup -q
 
 bench: install
