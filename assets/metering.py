@@ -613,7 +613,7 @@ def billed_usage(
         rules=rules,
         # A report-only run pushes nothing: the day stays late until a real run.
         seen=None if run_mode.report_only else extract.seen,
-        run_id=context.run_id,
+        run_id=context.run.run_id,
     )
     stored = read_billed_usage(billing_engine, usage_date)
     late = find_late_days(

@@ -615,7 +615,7 @@ def discrepancy_checks(
 
 def _run_started_at(context: AssetExecutionContext, fallback: dt.datetime) -> dt.datetime:
     """When the run began (its duration is the reconciliation's duration metric)."""
-    record = context.instance.get_run_record_by_id(context.run_id)
+    record = context.instance.get_run_record_by_id(context.run.run_id)
     if record is None or record.start_time is None:
         return fallback
     return dt.datetime.fromtimestamp(record.start_time, dt.UTC)
@@ -682,7 +682,7 @@ def reconciliation(
             # reconciled (freshness and `tally status` read it).
             with connection.cursor() as cursor:
                 record_reconciliation(
-                    cursor, usage_date, context.run_id, _run_started_at(context, now), now
+                    cursor, usage_date, context.run.run_id, _run_started_at(context, now), now
                 )
 
     credits = credit_candidates(discrepancies, inputs.get("credits"), pricing)
