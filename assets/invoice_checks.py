@@ -55,29 +55,47 @@ def _sent_by_org_tier(inputs: ReconcileInputs, target: Target) -> dict[tuple[str
     return sent
 
 
+def _unbilled_row(
+    inputs: ReconcileInputs,
+    pricing: Pricing,
+    kind: DiscrepancyKind,
+    key: tuple[str, str, str, str],
+    seconds: int,
+    detail: str,
+) -> dict:
+    """`seconds` tally sent that no invoice will bill: leakage at list price."""
+    org_id, tier, provider, customer = key
+    dollars = list_dollars(pricing, seconds, tier)
+    return discrepancy_row(
+        inputs.usage_date,
+        kind,
+        org_id,
+        tier=tier,
+        provider=provider,
+        customer=customer,
+        sent=seconds,
+        delta=-seconds,
+        dollars=None if dollars is None else -dollars,
+        detail=detail,
+    )
+
+
 def unknown_customer_rows(inputs: ReconcileInputs, pricing: Pricing) -> list[dict]:
     rows = []
     for provider, customer in sorted(unknown_targets(inputs)):
         for (org_id, tier), seconds in sorted(
             _sent_by_org_tier(inputs, (provider, customer)).items()
         ):
-            dollars = list_dollars(pricing, seconds, tier)
             rows.append(
-                discrepancy_row(
-                    inputs.usage_date,
+                _unbilled_row(
+                    inputs,
+                    pricing,
                     Kind.UNKNOWN_CUSTOMER,
-                    org_id,
-                    tier=tier,
-                    provider=provider,
-                    customer=customer,
-                    sent=seconds,
-                    delta=-seconds,
-                    dollars=None if dollars is None else -dollars,
-                    detail=(
-                        f"{provider} has no customer {customer}: the {seconds} s pushed there "
-                        "are on nobody's invoice; create the customer at the provider (or "
-                        "fix the org's customer id), then re-push and explain this row"
-                    ),
+                    (org_id, tier, provider, customer),
+                    seconds,
+                    f"{provider} has no customer {customer}: the {seconds} s pushed there "
+                    "are on nobody's invoice; create the customer at the provider (or "
+                    "fix the org's customer id), then re-push and explain this row",
                 )
             )
     return rows
@@ -121,28 +139,19 @@ def pushed_after_finalization_rows(inputs: ReconcileInputs, pricing: Pricing) ->
             seconds = late.get(key, (0, invoice_id, invoice["finalized"]))[0]
             late[key] = (seconds + int(row.quantity), invoice_id, invoice["finalized"])
     rows = []
-    for (org_id, tier, provider, customer), (seconds, invoice_id, finalized) in sorted(
-        late.items()
-    ):
-        dollars = list_dollars(pricing, seconds, tier)
+    for key, (seconds, invoice_id, finalized) in sorted(late.items()):
         rows.append(
-            discrepancy_row(
-                inputs.usage_date,
+            _unbilled_row(
+                inputs,
+                pricing,
                 Kind.PUSHED_AFTER_FINALIZATION,
-                org_id,
-                tier=tier,
-                provider=provider,
-                customer=customer,
-                sent=seconds,
-                delta=-seconds,
-                dollars=None if dollars is None else -dollars,
-                detail=(
-                    f"invoice {invoice_id} of this day's billing period was finalized at "
-                    f"{finalized:%Y-%m-%d %H:%M} UTC, before these {seconds} s were pushed: "
-                    "they are on no invoice; bill them by hand (invoice item) and explain "
-                    "this row, and give the account a finalization grace longer than the "
-                    "02:00 run (docs/reconciliation.md)"
-                ),
+                key,
+                seconds,
+                f"invoice {invoice_id} of this day's billing period was finalized at "
+                f"{finalized:%Y-%m-%d %H:%M} UTC, before these {seconds} s were pushed: "
+                "they are on no invoice; bill them by hand (invoice item) and explain "
+                "this row, and give the account a finalization grace longer than the "
+                "02:00 run (docs/reconciliation.md)",
             )
         )
     return rows

@@ -191,17 +191,9 @@ def _read_provider(
     return record, usage_rows, plan_rows, stats, facts
 
 
-CUSTOMER_COLUMNS = ["provider", "customer_id", "known"]
-INVOICE_COLUMNS = [
-    "provider",
-    "customer_id",
-    "invoice_id",
-    "period_start",
-    "period_end",
-    "finalized_at",
-    "tier",
-    "seconds",
-]
+# What reconciliation reads back from these tables (assets/discrepancy.py owns them).
+CUSTOMER_COLUMNS = INPUT_COLUMNS["customers"]
+INVOICE_COLUMNS = INPUT_COLUMNS["invoices"]
 
 
 @dataclass
