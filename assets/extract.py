@@ -16,6 +16,7 @@ asks for it through `LookbackRules`, so it never imports metering.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy.engine import Engine
 
+from assets.shards import ALL, Shard
 from resources.calendar import day_bounds
 from resources.db import libpq_uri, load_sql, raw_connection, read_frame, tally_home
 
@@ -324,6 +326,34 @@ def _batch_columns(batch: pa.RecordBatch, coder: _Coder) -> HeartbeatColumns:
     )
 
 
+@dataclass(frozen=True)
+class ShardFilter:
+    """Which heartbeats one org shard reads (assets/shards.py): its instances' ids,
+    every id the extract knows, and whether it takes unknown ids (shard 0), as the
+    shard queries bind them (JSON arrays)."""
+
+    shard_instances: str
+    known_instances: str
+    owns_unknown: bool
+
+    @classmethod
+    def of(cls, all_instances: pd.DataFrame, shard: Shard) -> ShardFilter:
+        mine = all_instances["org_id"].astype(str).map(shard.owns)
+        known = all_instances["instance_id"].astype(str)
+        return cls(
+            json.dumps(known[mine].tolist()),
+            json.dumps(known.tolist() if shard.owns_unknown else []),
+            shard.owns_unknown,
+        )
+
+    def params(self) -> dict[str, object]:
+        return {
+            "shard_instances": self.shard_instances,
+            "known_instances": self.known_instances,
+            "owns_unknown": self.owns_unknown,
+        }
+
+
 def _read_window_part(
     uri: str,
     part_start: dt.datetime,
@@ -331,9 +361,11 @@ def _read_window_part(
     coder: _Coder,
     writers: _GroupWriters,
     batch_bytes: int,
+    shard_filter: ShardFilter | None = None,
 ) -> None:
     """One time slice of the window through ADBC (libpq, binary COPY decoded in
-    native code into Arrow), each record batch split into its org groups' files."""
+    native code into Arrow), each record batch split into its org groups' files;
+    given a shard filter, only that org shard's heartbeats."""
     with adbc_dbapi.connect(uri) as connection, connection.cursor() as cursor:
         cursor.adbc_statement.set_options(
             **{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)}
@@ -342,7 +374,19 @@ def _read_window_part(
             load_sql("extract/window_slice.sql"), (part_start.isoformat(), part_end.isoformat())
         )
         cursor.fetchall()
-        cursor.execute(load_sql("extract/heartbeats_window.sql"))
+        query = "extract/heartbeats_window.sql"
+        if shard_filter is not None:
+            cursor.execute(
+                load_sql("extract/shard_instances.sql"),
+                (
+                    shard_filter.shard_instances,
+                    shard_filter.known_instances,
+                    "on" if shard_filter.owns_unknown else "off",
+                ),
+            )
+            cursor.fetchall()
+            query = "extract/heartbeats_window_shard.sql"
+        cursor.execute(load_sql(query))
         try:
             for batch in cursor.fetch_record_batch():
                 columns = _batch_columns(batch, coder)
@@ -499,6 +543,26 @@ class _Settings:
     invalid_throttle: list[InvalidThrottleSetting]
     window: tuple[dt.datetime, dt.datetime]
     untrusted: pd.DataFrame
+    shard_filter: ShardFilter | None = None
+
+
+def _shard_rows(
+    instances: pd.DataFrame,
+    throttle: pd.DataFrame,
+    untrusted: pd.DataFrame,
+    shard: Shard,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The shard's instances, throttle rows and untrusted heartbeats (those of its
+    instances; shard 0 also those of unknown or null ids)."""
+    mine = instances[instances["org_id"].astype(str).map(shard.owns).astype(bool)]
+    throttle = throttle[throttle["org_id"].astype(str).map(shard.owns).astype(bool)]
+    if len(untrusted):
+        ids = untrusted["instance_id"]
+        keep = ids.isin(set(mine["instance_id"]))
+        if shard.owns_unknown:
+            keep |= ids.isna() | ~ids.isin(set(instances["instance_id"]))
+        untrusted = untrusted[keep.astype(bool)]
+    return mine.reset_index(drop=True), throttle.reset_index(drop=True), untrusted
 
 
 def _read_settings(
@@ -506,14 +570,17 @@ def _read_settings(
     usage_date: dt.date,
     run_time: dt.datetime,
     rules: LookbackRules,
+    shard: Shard = ALL,
 ) -> _Settings:
     """Instances, checked throttle settings, the look-back window they imply and
-    the untrusted rows outside it that belong to the day."""
+    the untrusted rows outside it that belong to the day — of `shard`'s orgs."""
     day_start, day_end = day_bounds(usage_date)
     instances = read_frame(connection, "extract/instances.sql")
     throttle, invalid_throttle = checked_throttle(
         read_frame(connection, "extract/throttle.sql"), rules
     )
+    if shard.sharded:
+        invalid_throttle = [s for s in invalid_throttle if shard.owns(s.org_id)]
     window_start, window_end = rules.lookback_window(usage_date, rules.lookback_span_s(throttle))
     untrusted = read_frame(
         connection,
@@ -529,17 +596,34 @@ def _read_settings(
     if instances.empty:
         instances = pd.DataFrame(columns=["instance_id", "org_id", "tier", "status", "stopped_at"])
     instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
-    return _Settings(instances, throttle, invalid_throttle, (window_start, window_end), untrusted)
+    shard_filter = None
+    if shard.sharded:
+        shard_filter = ShardFilter.of(instances, shard)
+        instances, throttle, untrusted = _shard_rows(instances, throttle, untrusted, shard)
+    return _Settings(
+        instances,
+        throttle,
+        invalid_throttle,
+        (window_start, window_end),
+        untrusted,
+        shard_filter,
+    )
 
 
 def count_window(
-    connection: psycopg.Connection, window_start: dt.datetime, window_end: dt.datetime
+    connection: psycopg.Connection,
+    window_start: dt.datetime,
+    window_end: dt.datetime,
+    shard_filter: ShardFilter | None = None,
 ) -> WindowSeen:
-    """The heartbeats a look-back window holds now (sql/extract/window_count.sql)."""
-    row = connection.execute(
-        load_sql("extract/window_count.sql"),
-        {"window_start": window_start, "window_end": window_end},
-    ).fetchone()
+    """The heartbeats a look-back window holds now (sql/extract/window_count.sql),
+    of one org shard given its filter (window_count_shard.sql)."""
+    params: dict[str, object] = {"window_start": window_start, "window_end": window_end}
+    query = "extract/window_count.sql"
+    if shard_filter is not None:
+        params.update(shard_filter.params())
+        query = "extract/window_count_shard.sql"
+    row = connection.execute(load_sql(query), params).fetchone()
     count, counted_at = row if row else (0, dt.datetime.now(dt.UTC))
     return WindowSeen(window_start, window_end, int(count), counted_at)
 
@@ -563,15 +647,17 @@ def extract_day(
     rules: LookbackRules,
     rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
     batch_bytes: int = BATCH_HINT_BYTES,
+    shard: Shard = ALL,
 ) -> DayExtract:
     """Instances, throttle settings and the day's heartbeats, spilled per group of
     whole orgs of about `rows_per_group` heartbeats (memory stays flat as instances
     grow: one group and one ADBC record batch of about `batch_bytes` at a time).
     The look-back window is read through ADBC in two time slices on two connections
-    at once (both cores decode); untrusted rows come through psycopg."""
+    at once (both cores decode); untrusted rows come through psycopg. Given a
+    shard, only its orgs (assets/shards.py), filtered in the database."""
     with raw_connection(control_engine) as connection:
-        settings = _read_settings(connection, usage_date, run_time, rules)
-        seen = count_window(connection, *settings.window)
+        settings = _read_settings(connection, usage_date, run_time, rules, shard)
+        seen = count_window(connection, *settings.window, settings.shard_filter)
     instances, (window_start, window_end) = settings.instances, settings.window
     categories = instances["instance_id"].astype(str).tolist()
     rows_per_instance = seen.heartbeats / max(len(categories), 1)
@@ -588,7 +674,7 @@ def extract_day(
         list(
             pool.map(
                 lambda part: _read_window_part(
-                    uri, *slices[part], coder, writers[part], batch_bytes
+                    uri, *slices[part], coder, writers[part], batch_bytes, settings.shard_filter
                 ),
                 range(len(slices)),
             )

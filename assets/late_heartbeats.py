@@ -23,6 +23,7 @@ class MeteredDay:
     window_end: dt.datetime
     heartbeats_seen: int
     counted_at: dt.datetime
+    part: str = "all"  # the org shard that metered it (assets/shards.py)
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,20 @@ class LateDay:
 
 def late_days(counted: Iterable[tuple[MeteredDay, int]], now: dt.datetime) -> list[LateDay]:
     """Days whose window now holds more heartbeats than their metering saw, in date
-    order. Fewer than seen (rows deleted by retention) is not lateness."""
-    found = [
-        LateDay(
+    order; a sharded day sums its shards' late heartbeats. Fewer than seen (rows
+    deleted by retention) is not lateness."""
+    found: dict[dt.date, LateDay] = {}
+    for day, count in counted:
+        if count <= day.heartbeats_seen:
+            continue
+        earlier = found.get(day.usage_date)
+        found[day.usage_date] = LateDay(
             day.usage_date,
-            count - day.heartbeats_seen,
-            day.counted_at,
+            count - day.heartbeats_seen + (earlier.late_heartbeats if earlier else 0),
+            max(day.counted_at, earlier.metered_at) if earlier else day.counted_at,
             past_stripe_window(day.usage_date, now),
         )
-        for day, count in counted
-        if count > day.heartbeats_seen
-    ]
-    return sorted(found, key=lambda late: late.usage_date)
+    return sorted(found.values(), key=lambda late: late.usage_date)
 
 
 # ---------------------------------------------------------------------------
@@ -71,23 +74,40 @@ def read_metered_days(billing_engine, since: dt.date, until: dt.date) -> list[Me
         if not (exists and exists[0]):
             return []
         cursor.execute(load_sql("late/metered_days.sql"), {"since": since, "until": until})
-        return [MeteredDay(*row[:5]) for row in cursor.fetchall()]
+        return [
+            MeteredDay(row[0], row[1], row[2], row[3], row[4], part=row[6])
+            for row in cursor.fetchall()
+        ]
 
 
 def find_late_days(
     control_engine, billing_engine, since: dt.date, until: dt.date, now: dt.datetime
 ) -> list[LateDay]:
     """Late days among the days metered in [since, until]: one index range count per
-    day on the control plane (heartbeats_sent_at)."""
-    from assets.extract import count_window
-    from resources.db import raw_connection
+    day (per shard of a sharded day) on the control plane (heartbeats_sent_at)."""
+    from assets.extract import ShardFilter, count_window
+    from assets.shards import UNSHARDED_PART, Shard
+    from resources.db import raw_connection, read_frame
 
     metered = read_metered_days(billing_engine, since, until)
     if not metered:
         return []
     with raw_connection(control_engine) as connection:
+        instances = None
+        filters: dict[str, ShardFilter | None] = {UNSHARDED_PART: None}
+        for day in metered:
+            if day.part not in filters:
+                if instances is None:
+                    instances = read_frame(connection, "extract/instances.sql")
+                index, count = (int(n) for n in day.part.split("/"))
+                filters[day.part] = ShardFilter.of(instances, Shard(index, count))
         counted = [
-            (day, count_window(connection, day.window_start, day.window_end).heartbeats)
+            (
+                day,
+                count_window(
+                    connection, day.window_start, day.window_end, filters[day.part]
+                ).heartbeats,
+            )
             for day in metered
         ]
     return late_days(counted, now)

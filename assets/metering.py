@@ -22,7 +22,9 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetsDefinition,
     MaterializeResult,
+    PartitionsDefinition,
     asset,
 )
 from sqlalchemy.engine import Engine
@@ -45,7 +47,8 @@ from assets.metering_rules import (
     MeteringRules,
     QuarantineReason,
 )
-from pipelines.partitions import daily_partitions, partition_day
+from assets.shards import ALL, Shard
+from pipelines.partitions import daily_partitions, day_and_shard
 from pipelines.retry import STEP_RETRY
 from resources.calendar import day_bounds, day_bounds_epoch
 from resources.db import (
@@ -394,7 +397,11 @@ def not_future_before(run_time: dt.datetime, rules: MeteringRules) -> dt.datetim
 
 
 def _release_rejudged_future(
-    cursor: psycopg.Cursor, usage_date: dt.date, run_time: dt.datetime, rules: MeteringRules
+    cursor: psycopg.Cursor,
+    usage_date: dt.date,
+    run_time: dt.datetime,
+    rules: MeteringRules,
+    shard: Shard,
 ) -> None:
     """Rows another day quarantined as `future` that this day has judged now (its
     sent_at is in this day and no longer in the future): out of that quarantine."""
@@ -407,6 +414,7 @@ def _release_rejudged_future(
             "day_start": day_start,
             "day_end": day_end,
             "not_future_before": not_future_before(run_time, rules),
+            **shard.params(),
         },
     )
 
@@ -420,13 +428,16 @@ def write_billed_usage(
     rules: MeteringRules | None = None,
     seen: WindowSeen | None = None,
     run_id: str | None = None,
+    shard: Shard = ALL,
 ) -> None:
-    """Replace the day's rows in one transaction (a re-run replaces, never adds).
+    """Replace the day's rows of `shard` in one transaction (a re-run replaces,
+    never adds; assets/shards.py).
     Given the run time, `future` rows of other days that this day judged leave
     their quarantine in the same transaction; given what the extract `seen` of the
     window, billing.metered_days records it (late heartbeats are counted from it)."""
+    part = shard.label
     quarantine_rows = (
-        (usage_date, *(None if pd.isna(value) else value for value in row))
+        (usage_date, *(None if pd.isna(value) else value for value in row), part)
         for row in result.quarantine.itertuples(index=False)
     )
     with raw_connection(billing_engine) as connection, connection.cursor() as cursor:
@@ -442,24 +453,35 @@ def write_billed_usage(
             copies=[
                 (
                     "metering/copy_billed_usage.sql",
-                    result.billed.itertuples(index=False, name=None),
+                    ((*row, part) for row in result.billed.itertuples(index=False, name=None)),
                 ),
                 (
                     "metering/copy_billed_usage_instances.sql",
-                    result.instances[INSTANCE_COLUMNS].itertuples(index=False, name=None)
+                    (
+                        (*row, part)
+                        for row in result.instances[INSTANCE_COLUMNS].itertuples(
+                            index=False, name=None
+                        )
+                    )
                     if len(result.instances)
                     else iter(()),
                 ),
                 ("metering/copy_quarantine.sql", quarantine_rows),
             ],
+            params=shard.params(),
         )
         if run_time is not None:
-            _release_rejudged_future(cursor, usage_date, run_time, rules or MeteringRules())
+            _release_rejudged_future(cursor, usage_date, run_time, rules or MeteringRules(), shard)
         if seen is not None:
+            cursor.execute(
+                load_sql("metering/delete_metered_day_layouts.sql"),
+                {"usage_date": usage_date, **shard.params()},
+            )
             cursor.execute(
                 load_sql("metering/upsert_metered_day.sql"),
                 {
                     "usage_date": usage_date,
+                    "part": part,
                     "window_start": seen.window_start,
                     "window_end": seen.window_end,
                     "heartbeats_seen": seen.heartbeats,
@@ -469,23 +491,31 @@ def write_billed_usage(
             )
 
 
-def read_billed_usage(billing_engine: Engine, usage_date: dt.date) -> pd.DataFrame:
-    """The day's rows as stored (the checks run on what was written)."""
+def read_billed_usage(
+    billing_engine: Engine, usage_date: dt.date, shard: Shard = ALL
+) -> pd.DataFrame:
+    """The day's rows of `shard` as stored (the checks run on what was written)."""
     with raw_connection(billing_engine) as connection:
         stored = read_frame(
-            connection, "metering/read_billed_usage.sql", {"usage_date": usage_date}
+            connection,
+            "metering/read_billed_usage.sql",
+            {"usage_date": usage_date, "part": shard.label},
         )
     if stored.empty:
         stored = pd.DataFrame(columns=BILLED_COLUMNS).astype({c: "int64" for c in SECONDS_COLUMNS})
     return stored
 
 
-def instances_sum_check(billing_engine: Engine, usage_date: dt.date) -> AssetCheckResult:
+def instances_sum_check(
+    billing_engine: Engine, usage_date: dt.date, shard: Shard = ALL
+) -> AssetCheckResult:
     """Blocking: per (org, tier) the stored per-instance rows sum exactly to the
     stored billed_usage row (a row on one side only is a mismatch)."""
     with raw_connection(billing_engine) as connection:
         mismatched = read_frame(
-            connection, "metering/instances_vs_orgs.sql", {"usage_date": usage_date}
+            connection,
+            "metering/instances_vs_orgs.sql",
+            {"usage_date": usage_date, "part": shard.label},
         )
     return AssetCheckResult(
         check_name="instances_sum_to_orgs",
@@ -515,36 +545,34 @@ def warm_great_expectations() -> None:
     ).start()
 
 
-@asset(
-    partitions_def=daily_partitions,
-    group_name="metering",
-    retry_policy=STEP_RETRY,
-    check_specs=[
+def billed_usage_checks(partitions_def: PartitionsDefinition) -> list[AssetCheckSpec]:
+    """The checks of every billed_usage partition (a day, or a day's org shard)."""
+    return [
         AssetCheckSpec(
             "runtime_identity",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             blocking=True,
             description="runtime = idle + over continuous + over daily + billable",
         ),
         AssetCheckSpec(
             "billable_within_daily_limit",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             blocking=True,
             description="no org is billed more than its daily limit on the day",
         ),
         AssetCheckSpec(
             "no_negative_seconds",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             blocking=True,
             description="no seconds column of any row is negative",
         ),
         AssetCheckSpec(
             "great_expectations_extract",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             blocking=True,
             description="Great Expectations on a spread sample of the heartbeats that reach "
             "billing: instance, time and org present, tier priced; instance ids unique",
@@ -552,7 +580,7 @@ def warm_great_expectations() -> None:
         AssetCheckSpec(
             "great_expectations_output",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             blocking=True,
             description="Great Expectations on the stored rows: one row per (org, tier), "
             "tier priced, org present, no negative seconds",
@@ -560,7 +588,7 @@ def warm_great_expectations() -> None:
         AssetCheckSpec(
             "instances_sum_to_orgs",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             blocking=True,
             description="billing.billed_usage_instances sums exactly to billing.billed_usage "
             "per (org, tier), every seconds column",
@@ -568,31 +596,34 @@ def warm_great_expectations() -> None:
         AssetCheckSpec(
             "no_quarantined_heartbeats",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             description="WARN when heartbeats were quarantined or a throttle setting was out "
             "of bounds (that org billed with the default)",
         ),
         AssetCheckSpec(
             "no_late_heartbeats",
             asset="billed_usage",
-            partitions_def=daily_partitions,
+            partitions_def=partitions_def,
             description="WARN when heartbeats arrived for an earlier day (up to "
             f"{MeteringRules().late_lookback_days} days back) after it was billed; "
             "`tally late --run` bills them",
         ),
-    ],
-    description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
-)
-def billed_usage(
+    ]
+
+
+def meter_partition(
     context: AssetExecutionContext, postgres: PostgresResource, run_mode: RunMode
 ) -> MaterializeResult:
-    usage_date = partition_day(context.partition_key)
+    """Meter one partition: a usage day, or one org shard of it (assets/shards.py)."""
+    usage_date, shard = day_and_shard(context.partition_key, context.assets_def.partitions_def)
     known_tiers = pricing_or_fail().known_tiers  # a bad pricing file fails here, not retried
     run_time = current_run_time()
     rules = MeteringRules()
     warm_great_expectations()
-    extract = extract_day(postgres.control_engine(), usage_date, run_time, rules)
-    context.log.info(f"{usage_date}: {len(extract.heartbeats):,} heartbeats extracted")
+    extract = extract_day(postgres.control_engine(), usage_date, run_time, rules, shard=shard)
+    context.log.info(
+        f"{usage_date} ({shard.label}): {len(extract.heartbeats):,} heartbeats extracted"
+    )
     for setting in extract.invalid_throttle:
         context.log.warning(f"throttle_settings: {setting.describe()}")
     result = compute_in_org_chunks(
@@ -614,8 +645,9 @@ def billed_usage(
         # A report-only run pushes nothing: the day stays late until a real run.
         seen=None if run_mode.report_only else extract.seen,
         run_id=context.run.run_id,
+        shard=shard,
     )
-    stored = read_billed_usage(billing_engine, usage_date)
+    stored = read_billed_usage(billing_engine, usage_date, shard)
     late = find_late_days(
         postgres.control_engine(),
         billing_engine,
@@ -627,7 +659,29 @@ def billed_usage(
         metadata=materialization_metadata(usage_date, stored, extract, result),
         check_results=[
             *check_results(stored, extract, result, run_time, rules, known_tiers),
-            instances_sum_check(billing_engine, usage_date),
+            instances_sum_check(billing_engine, usage_date, shard),
             late_heartbeats_check(late),
         ],
     )
+
+
+def build_billed_usage(partitions_def: PartitionsDefinition = daily_partitions) -> AssetsDefinition:
+    """The billed_usage asset over `partitions_def` (the days, or day × shard)."""
+
+    @asset(
+        name="billed_usage",
+        partitions_def=partitions_def,
+        group_name="metering",
+        retry_policy=STEP_RETRY,
+        check_specs=billed_usage_checks(partitions_def),
+        description="Billed instance seconds per (org, day, tier) with throttle caps (DESIGN §3).",
+    )
+    def billed_usage(
+        context: AssetExecutionContext, postgres: PostgresResource, run_mode: RunMode
+    ) -> MaterializeResult:
+        return meter_partition(context, postgres, run_mode)
+
+    return billed_usage
+
+
+billed_usage = build_billed_usage()

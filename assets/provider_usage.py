@@ -9,12 +9,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    PartitionsDefinition,
+    asset,
+)
 
 from assets.config import pricing_or_fail
 from assets.discrepancy import INPUT_COLUMNS, with_columns
 from assets.settlement import SettlementRules, activity_by_target, unsettled_targets
-from pipelines.partitions import daily_partitions, partition_day
+from assets.shards import ALL, Shard, shard_of, sibling_labels
+from pipelines.partitions import daily_partitions, day_and_shard, partition_day
 from pipelines.retry import STEP_RETRY
 from resources.db import (
     PostgresResource,
@@ -52,6 +61,60 @@ class ProviderDay:
     def expected(self) -> dict[Pair, int]:
         """What the ledger says each (customer, tier) holds, all orgs together."""
         return {pair: sum(by_org.values()) for pair, by_org in self.sent.items()}
+
+    def orgs_of(self, customer: str) -> set[str]:
+        """Every org billed to a customer now or sent to it on the day."""
+        orgs = set(self.current.get(customer, []))
+        for (sent_customer, _), by_org in self.sent.items():
+            if sent_customer == customer:
+                orgs |= set(by_org)
+        return orgs
+
+    def only(self, customers: set[str]) -> "ProviderDay":
+        return ProviderDay(
+            current={c: orgs for c, orgs in self.current.items() if c in customers},
+            sent={pair: by_org for pair, by_org in self.sent.items() if pair[0] in customers},
+        )
+
+
+SHARED_PART = "shared"
+
+
+@dataclass(frozen=True)
+class ReadScope:
+    """Which customers one read-back reads: all of them (unsharded); those whose
+    orgs are all in one org shard (that shard's read-back, right after its push);
+    or, `shared`, those with orgs in several shards — read once every shard has
+    pushed (the day's `shared_provider_usage`), so a customer is never read while
+    another shard may still be sending to it."""
+
+    shard: Shard = ALL
+    shared: bool = False
+
+    @property
+    def part(self) -> str:
+        return SHARED_PART if self.shared else self.shard.label
+
+    def params(self) -> dict[str, object]:
+        """The part-scoped SQL's binds; the shared part is one of the layout's."""
+        labels = sibling_labels(self.shard.count)
+        return {
+            "part": self.part,
+            "parts": [*labels, SHARED_PART] if self.shard.sharded else labels,
+        }
+
+    def reads(self, orgs: set[str]) -> bool:
+        if not self.shard.sharded:
+            return True
+        shards = {shard_of(org, self.shard.count) for org in orgs}
+        if self.shared:
+            return len(shards) > 1
+        return shards == {self.shard.index}
+
+    def restrict(self, day: ProviderDay) -> ProviderDay:
+        if not self.shard.sharded:
+            return day
+        return day.only({c for c in day.customers if self.reads(day.orgs_of(c))})
 
 
 def provider_day(provider: str, orgs: pd.DataFrame, sent: pd.DataFrame) -> ProviderDay:
@@ -105,6 +168,7 @@ class DayToRead:
     sent: pd.DataFrame
     tiers: list[str]
     report_only: bool
+    scope: ReadScope = ReadScope()
 
 
 def _read_provider(
@@ -113,7 +177,7 @@ def _read_provider(
     """One provider's day → (read record, usage rows, plan rows, stats, facts: the
     customers it has and its finalized invoices)."""
     usage_date, tiers = request.usage_date, request.tiers
-    day = provider_day(provider, request.orgs, request.sent)
+    day = request.scope.restrict(provider_day(provider, request.orgs, request.sent))
     customers = day.customers
     record = {
         "provider": provider,
@@ -123,6 +187,7 @@ def _read_provider(
         "unread_tiers": [],
         "unattributed_seconds": 0,
         "note": None,
+        "read_customers": customers,
     }
     if not customers:
         record["status"] = "no_customers"
@@ -242,8 +307,19 @@ def read_providers(request: DayToRead, providers: ProvidersResource) -> DayRead:
     )
 
 
-def write_provider_usage(connection, usage_date: dt.date, read: DayRead) -> None:
-    params = {"usage_date": usage_date}
+def write_provider_usage(
+    connection, usage_date: dt.date, read: DayRead, scope: ReadScope = ReadScope()
+) -> None:
+    """Replace what `scope` read for the day (its part's rows, and any row of the
+    customers it read), one transaction."""
+    pairs = [(r["provider"], c) for r in read.reads for c in r.get("read_customers", [])]
+    params = {
+        "usage_date": usage_date,
+        **scope.params(),
+        "providers": [provider for provider, _ in pairs],
+        "customers": [customer for _, customer in pairs],
+    }
+    part = scope.part
     with connection.cursor() as cursor:
         replace_day_rows(
             cursor,
@@ -257,16 +333,20 @@ def write_provider_usage(connection, usage_date: dt.date, read: DayRead) -> None
                 "provider_usage/delete_invoices.sql",
             ],
             copies=[
-                ("provider_usage/copy.sql", read.usage.itertuples(index=False, name=None)),
+                (
+                    "provider_usage/copy.sql",
+                    ((*row, part) for row in read.usage.itertuples(index=False, name=None)),
+                ),
                 (
                     "provider_usage/copy_customers.sql",
-                    ((usage_date, *row) for row in read.customers.itertuples(index=False)),
+                    ((usage_date, *row, part) for row in read.customers.itertuples(index=False)),
                 ),
                 (
                     "provider_usage/copy_invoices.sql",
-                    ((usage_date, *row) for row in read.invoices.itertuples(index=False)),
+                    ((usage_date, *row, part) for row in read.invoices.itertuples(index=False)),
                 ),
             ],
+            params=params,
         )
         cursor.executemany(
             load_sql("provider_usage/insert_read.sql"), [{**params, **read} for read in read.reads]
@@ -275,6 +355,22 @@ def write_provider_usage(connection, usage_date: dt.date, read: DayRead) -> None
             load_sql("provider_usage/insert_plan.sql"),
             [{**params, **plan} for plan in read.plans.to_dict("records")],
         )
+
+
+def scoped_sent(request: DayToRead) -> pd.DataFrame:
+    """The ledger's sends to the customers the request's scope reads."""
+    if not request.scope.shard.sharded or request.sent.empty:
+        return request.sent
+    read = {
+        (provider, customer)
+        for provider in Provider
+        for customer in request.scope.restrict(
+            provider_day(provider, request.orgs, request.sent)
+        ).customers
+    }
+    providers = request.sent["provider"].astype(str)
+    customers = request.sent["customer_id"].astype(str)
+    return request.sent[[key in read for key in zip(providers, customers, strict=True)]]
 
 
 def _ledger_totals(sent: pd.DataFrame) -> dict[tuple[str, str, str], int]:
@@ -295,25 +391,16 @@ def _recorded_totals(usage: pd.DataFrame) -> dict[tuple[str, str, str], int]:
     return totals
 
 
-@asset(
-    partitions_def=daily_partitions,
-    group_name="reconcile",
-    deps=["usage_push"],
-    retry_policy=STEP_RETRY,
-    description=(
-        "What Stripe and Polar recorded for the day per (org, tier): one event-summaries "
-        "call per Stripe customer and meter; Polar customers asked for in groups, split "
-        "only where a total differs from the ledger."
-    ),
-)
-def provider_usage(
+def read_back(
     context: AssetExecutionContext,
     postgres: PostgresResource,
     providers: ProvidersResource,
     run_mode: RunMode,
+    usage_date: dt.date,
+    scope: ReadScope,
 ) -> MaterializeResult:
-    usage_date = partition_day(context.partition_key)
-    params = {"usage_date": usage_date}
+    """Read back the customers of `scope` for the day and store what they hold."""
+    params = {"usage_date": usage_date, **scope.params()}
     with raw_connection(postgres.control_engine()) as connection:
         orgs = with_columns(read_frame(connection, "provider_usage/orgs.sql"), "orgs")
     billing_engine = postgres.billing_engine()
@@ -322,7 +409,7 @@ def provider_usage(
     if sent.empty:
         sent = pd.DataFrame(columns=["org_id", "provider", "customer_id", "tier", "seconds"])
     tiers = pricing_or_fail().tiers_by_price()
-    request = DayToRead(usage_date, orgs, sent, tiers, run_mode.report_only)
+    request = DayToRead(usage_date, orgs, sent, tiers, run_mode.report_only, scope)
     settlement = SettlementRules.from_env()
     with raw_connection(billing_engine) as connection:
         activity = activity_by_target(read_frame(connection, "settlement/activity.sql", params))
@@ -336,7 +423,7 @@ def provider_usage(
         waiting: set[tuple[str, str]] = set()
         while not run_mode.report_only:
             waiting = unsettled_targets(
-                _ledger_totals(sent),
+                _ledger_totals(scoped_sent(request)),
                 _recorded_totals(read.usage),
                 activity,
                 dt.datetime.now(dt.UTC),
@@ -358,13 +445,14 @@ def provider_usage(
             read_frame(connection, "provider_usage/real_reads_exist.sql", params)["real"].iloc[0]
         )
         if not kept:
-            write_provider_usage(connection, usage_date, read)
+            write_provider_usage(connection, usage_date, read, scope)
 
     stats, usage = read.stats, read.usage
     polar_customers = stats.get("polar_customers", 0)
     unknown = read.customers[~read.customers["known"].astype(bool)]
     metadata: dict[str, Any] = {
         "usage_date": usage_date.isoformat(),
+        "part": scope.part,
         "rows": len(usage),
         "customers": stats["customers"],
         "unknown_customers": len(unknown),
@@ -387,3 +475,67 @@ def provider_usage(
         if record["unattributed_seconds"]:
             metadata[f"{record['provider']}_unattributed_seconds"] = record["unattributed_seconds"]
     return MaterializeResult(metadata=metadata)
+
+
+READ_BACK_DESCRIPTION = (
+    "What Stripe and Polar recorded for the day per (org, tier): one event-summaries "
+    "call per Stripe customer and meter; Polar customers asked for in groups, split "
+    "only where a total differs from the ledger."
+)
+
+
+def build_provider_usage(
+    partitions_def: PartitionsDefinition = daily_partitions,
+) -> AssetsDefinition:
+    """The provider_usage asset over `partitions_def` (the days, or day × shard:
+    then each shard reads the customers whose orgs are all its own)."""
+
+    @asset(
+        name="provider_usage",
+        partitions_def=partitions_def,
+        group_name="reconcile",
+        deps=["usage_push"],
+        retry_policy=STEP_RETRY,
+        description=READ_BACK_DESCRIPTION,
+    )
+    def provider_usage(
+        context: AssetExecutionContext,
+        postgres: PostgresResource,
+        providers: ProvidersResource,
+        run_mode: RunMode,
+    ) -> MaterializeResult:
+        usage_date, shard = day_and_shard(context.partition_key, context.assets_def.partitions_def)
+        return read_back(context, postgres, providers, run_mode, usage_date, ReadScope(shard))
+
+    return provider_usage
+
+
+def build_shared_provider_usage(shard_count: int) -> AssetsDefinition:
+    """Sharded days only: the customers with orgs in several shards, read once every
+    shard of the day has pushed (a daily asset after all of them)."""
+
+    @asset(
+        name="shared_provider_usage",
+        partitions_def=daily_partitions,
+        group_name="reconcile",
+        deps=["provider_usage"],
+        retry_policy=STEP_RETRY,
+        description=(
+            "Read-back of the customers shared by orgs of several shards, after every "
+            "shard of the day pushed. " + READ_BACK_DESCRIPTION
+        ),
+    )
+    def shared_provider_usage(
+        context: AssetExecutionContext,
+        postgres: PostgresResource,
+        providers: ProvidersResource,
+        run_mode: RunMode,
+    ) -> MaterializeResult:
+        usage_date = partition_day(context.partition_key)
+        scope = ReadScope(Shard(0, shard_count), shared=True)
+        return read_back(context, postgres, providers, run_mode, usage_date, scope)
+
+    return shared_provider_usage
+
+
+provider_usage = build_provider_usage()

@@ -17,9 +17,11 @@ import pandas as pd
 import psycopg
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
+    PartitionsDefinition,
     asset,
 )
 
@@ -33,7 +35,8 @@ from assets.push_plan import (
     PushActionKind,
     plan_push,
 )
-from pipelines.partitions import daily_partitions, partition_day
+from assets.shards import ALL, Shard
+from pipelines.partitions import daily_partitions, day_and_shard
 from pipelines.retry import STEP_RETRY
 from resources.db import PostgresResource, load_sql, raw_connection, read_frame
 from resources.providers import (
@@ -115,13 +118,14 @@ def push_day(
     usage_date: dt.date,
     now: dt.datetime,
     orgs: pd.DataFrame,
+    shard: Shard = ALL,
 ) -> dict[str, Any]:
     """Run the plan for one day on a billing-database connection that holds the
     day's push lock. `orgs` (org_id, provider, provider_customer_id) comes from the
     control plane, which may be another database. Returns counters for metadata,
     plus `errors` (messages) and `retryable` (some error is not a configuration one)."""
-    params = {"usage_date": usage_date}
-    targets, ledger = _read_day(connection, params)
+    params = {"usage_date": usage_date, **shard.params()}
+    targets, ledger = _read_day(connection, params, shard)
     actions = plan_push(usage_date, targets, orgs, ledger, now)
     stats = _new_stats()
     clients, errors = _open_clients(providers, actions)
@@ -140,7 +144,7 @@ def push_day(
                 stopped.add(provider)
             elif (unanswered := session.failure()) is not None:
                 errors.append(unanswered)  # those rows stay pending; the rest goes on
-        targets, ledger = _read_day(connection, params)
+        targets, ledger = _read_day(connection, params, shard)
         actions = plan_push(usage_date, targets, orgs, ledger, now)
         more, more_errors = _open_clients(providers, actions, opened=clients)
         clients.update(more)
@@ -178,13 +182,16 @@ def push_day(
 
 
 def _read_day(
-    connection: psycopg.Connection, params: dict[str, Any]
+    connection: psycopg.Connection, params: dict[str, Any], shard: Shard = ALL
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(targets, ledger) of the day; an empty result still has its columns."""
+    """(targets, ledger) of the day's `shard` (its part's billed rows, its orgs'
+    ledger rows); an empty result still has its columns."""
     targets = read_frame(connection, "push/targets.sql", params)
     if targets.empty:
         targets = pd.DataFrame(columns=TARGET_COLUMNS)
     ledger = read_frame(connection, "push/ledger.sql", params)
+    if shard.sharded and not ledger.empty:
+        ledger = ledger[ledger["org_id"].astype(str).map(shard.owns).astype(bool)]
     if ledger.empty:
         ledger = pd.DataFrame(columns=LEDGER_COLUMNS)
     connection.commit()
@@ -438,31 +445,28 @@ def _cancel(session: _Session, actions: list[PushAction]) -> None:
             session.stats["cancels_refused"] = session.stats.get("cancels_refused", 0) + 1
 
 
-@asset(
-    partitions_def=daily_partitions,
-    group_name="push",
-    deps=["billed_usage"],
-    retry_policy=STEP_RETRY,
-    description="Billable seconds pushed to Stripe / Polar exactly once through the ledger.",
-)
-def usage_push(
+def push_partition(
     context: AssetExecutionContext,
     postgres: PostgresResource,
     providers: ProvidersResource,
     run_mode: RunMode,
 ) -> MaterializeResult:
-    usage_date = partition_day(context.partition_key)
+    """Push one partition: a usage day, or one org shard of it."""
+    usage_date, shard = day_and_shard(context.partition_key, context.assets_def.partitions_def)
     if run_mode.report_only:
         context.log.info("report_only: nothing pushed")
         return MaterializeResult(metadata={"report_only": True, "events_sent": 0})
     with raw_connection(postgres.control_engine()) as connection:
         orgs = read_frame(connection, "push/orgs.sql")
     with raw_connection(postgres.billing_engine()) as connection:
-        lock = {"usage_date": usage_date.isoformat()}
+        # Shards of a day push different orgs: each shard has its own lock.
+        lock = {"usage_date": f"{usage_date.isoformat()}/{shard.label}"}
         connection.execute(load_sql("push/lock.sql"), lock)
         connection.commit()
         try:
-            stats = push_day(connection, providers, usage_date, dt.datetime.now(dt.UTC), orgs)
+            stats = push_day(
+                connection, providers, usage_date, dt.datetime.now(dt.UTC), orgs, shard
+            )
         finally:
             connection.rollback()
             connection.execute(load_sql("push/unlock.sql"), lock)
@@ -485,3 +489,28 @@ def usage_push(
         # A missing key will not fix itself: fail at once. Provider outages retry.
         raise Failure(description="; ".join(errors), metadata=metadata, allow_retries=retryable)
     return MaterializeResult(metadata=metadata)
+
+
+def build_usage_push(partitions_def: PartitionsDefinition = daily_partitions) -> AssetsDefinition:
+    """The usage_push asset over `partitions_def` (the days, or day × shard)."""
+
+    @asset(
+        name="usage_push",
+        partitions_def=partitions_def,
+        group_name="push",
+        deps=["billed_usage"],
+        retry_policy=STEP_RETRY,
+        description="Billable seconds pushed to Stripe / Polar exactly once through the ledger.",
+    )
+    def usage_push(
+        context: AssetExecutionContext,
+        postgres: PostgresResource,
+        providers: ProvidersResource,
+        run_mode: RunMode,
+    ) -> MaterializeResult:
+        return push_partition(context, postgres, providers, run_mode)
+
+    return usage_push
+
+
+usage_push = build_usage_push()

@@ -12,6 +12,7 @@ assets/finance.py.
 """
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -22,6 +23,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetsDefinition,
     Failure,
     MaterializeResult,
     asset,
@@ -621,37 +623,10 @@ def _run_started_at(context: AssetExecutionContext, fallback: dt.datetime) -> dt
     return dt.datetime.fromtimestamp(record.start_time, dt.UTC)
 
 
-@asset(
-    partitions_def=daily_partitions,
-    group_name="reconcile",
-    deps=["provider_usage"],
-    retry_policy=STEP_RETRY,
-    check_specs=[
-        AssetCheckSpec(
-            "no_unexplained_discrepancies",
-            asset="reconciliation",
-            partitions_def=daily_partitions,
-            description=(
-                "ERROR when a money-moving discrepancy is unexplained (unpushed, provider "
-                "missing/under/over, tier mismatch, cap exceeded, push window expired); "
-                "WARN when only other kinds are"
-            ),
-        ),
-        AssetCheckSpec(
-            "usage_counters_fresh",
-            asset="reconciliation",
-            partitions_def=daily_partitions,
-            description="WARN: control-plane counters missing for the day or not updated in 2 days",
-        ),
-    ],
-    description=(
-        "billing.discrepancies: billable vs sent vs provider vs counter per (org, day, "
-        "tier), plus plan, cap and instance anomalies (DESIGN §8)."
-    ),
-)
-def reconciliation(
+def reconcile_partition(
     context: AssetExecutionContext, postgres: PostgresResource, run_mode: RunMode
 ) -> MaterializeResult:
+    """Reconcile one usage day (every org shard of it together)."""
     usage_date = partition_day(context.partition_key)
     now = dt.datetime.now(dt.UTC)
     rules = ReconcileRules()
@@ -703,3 +678,48 @@ def reconciliation(
         metadata=metadata,
         check_results=discrepancy_checks(discrepancies, counters_fresh),
     )
+
+
+def build_reconciliation(deps: Sequence[str] = ("provider_usage",)) -> AssetsDefinition:
+    """The reconciliation asset after `deps` (sharded days add the shared read-back)."""
+
+    @asset(
+        name="reconciliation",
+        partitions_def=daily_partitions,
+        group_name="reconcile",
+        deps=list(deps),
+        retry_policy=STEP_RETRY,
+        check_specs=[
+            AssetCheckSpec(
+                "no_unexplained_discrepancies",
+                asset="reconciliation",
+                partitions_def=daily_partitions,
+                description=(
+                    "ERROR when a money-moving discrepancy is unexplained (unpushed, provider "
+                    "missing/under/over, tier mismatch, cap exceeded, push window expired); "
+                    "WARN when only other kinds are"
+                ),
+            ),
+            AssetCheckSpec(
+                "usage_counters_fresh",
+                asset="reconciliation",
+                partitions_def=daily_partitions,
+                description=(
+                    "WARN: control-plane counters missing for the day or not updated in 2 days"
+                ),
+            ),
+        ],
+        description=(
+            "billing.discrepancies: billable vs sent vs provider vs counter per (org, day, "
+            "tier), plus plan, cap and instance anomalies (DESIGN §8)."
+        ),
+    )
+    def reconciliation(
+        context: AssetExecutionContext, postgres: PostgresResource, run_mode: RunMode
+    ) -> MaterializeResult:
+        return reconcile_partition(context, postgres, run_mode)
+
+    return reconciliation
+
+
+reconciliation = build_reconciliation()

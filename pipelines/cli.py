@@ -117,15 +117,36 @@ def _check_databases(*, migrate: bool = False) -> None:
 # --------------------------------------------------------------------------- run
 
 
+def _shard_option(shard: int | None) -> int | None:
+    """`--shard K` names one of the TALLY_SHARDS shards."""
+    from assets.shards import SHARDS_SETTING, shard_count
+
+    if shard is None:
+        return None
+    count = shard_count()
+    if count <= 1:
+        raise UsageError(
+            f"--shard {shard}: days are not split into shards; set {SHARDS_SETTING} "
+            "(e.g. 4) or run without --shard"
+        )
+    if not 0 <= shard < count:
+        raise UsageError(f"--shard {shard}: {SHARDS_SETTING}={count} has shards 0 to {count - 1}")
+    return shard
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     days = _days(args.start_date, args.end_date)
+    shard = _shard_option(args.shard)
     # A brand-new billing database is migrated before the first day runs, so a day
     # that fails reports its own failure, never a missing billing table.
     _check_databases(migrate=True)
     mode = "report only (nothing sent)" if args.report_only else "push enabled"
     print(f"tally run: {len(days)} day(s) {days[0]} .. {days[-1]}, {mode}", flush=True)
     failures = run_days(
-        days, report_only=args.report_only, echo=lambda line: print(line, flush=True)
+        days,
+        report_only=args.report_only,
+        echo=lambda line: print(line, flush=True),
+        shard=shard,
     )
     if failures:
         print(
@@ -498,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-only",
         action="store_true",
         help="compute and reconcile; send nothing to providers or by e-mail",
+    )
+    run.add_argument(
+        "--shard",
+        type=int,
+        metavar="K",
+        help="with TALLY_SHARDS > 1: run only org shard K (0-based) of each day, then "
+        "combine the days whose shards all succeeded",
     )
     run.set_defaults(handler=cmd_run)
 

@@ -14,9 +14,11 @@ from resources.db import billing_engine, load_sql, raw_connection
 
 
 @contextmanager
-def day_run_lock(usage_date: dt.date) -> Iterator[bool]:
-    """Yields True while this process holds `usage_date`, False when another does."""
-    params = {"usage_date": usage_date.isoformat()}
+def day_run_lock(usage_date: dt.date, part: str | None = None) -> Iterator[bool]:
+    """Yields True while this process holds `usage_date` (or one org shard's `part`
+    of it), False when another does."""
+    key = usage_date.isoformat() if part is None else f"{usage_date.isoformat()}/{part}"
+    params = {"usage_date": key}
     with raw_connection(billing_engine()) as connection:
         row = connection.execute(load_sql("db/day_run_try_lock.sql"), params).fetchone()
         held = bool(row and row[0])

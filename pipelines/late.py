@@ -17,6 +17,8 @@ from dagster import (
 )
 
 from assets.late_heartbeats import LateDay, find_late_days
+from pipelines.jobs import METER_SHARD
+from pipelines.shard_runs import shard_day_requests
 from resources.calendar import STRIPE_EVENT_WINDOW
 from resources.db import PostgresResource
 
@@ -52,26 +54,29 @@ def find_late(now: dt.datetime, since: dt.date | None = None) -> list[LateDay]:
     return find_late_days(control_engine(), billing, start, today, now)
 
 
-def late_run_request(day: LateDay) -> RunRequest:
+def late_run_requests(day: LateDay, shard_count: int = 1) -> list[RunRequest]:
     """One run per (day, late count): a sensor tick that sees the same late rows
-    again asks for nothing new (run_key), new late rows ask for another run."""
-    return RunRequest(
-        run_key=f"late:{day.usage_date}:{day.metered_at.timestamp():.0f}:{day.late_heartbeats}",
-        partition_key=day.usage_date.isoformat(),
-        tags={"tally/source": "late_heartbeats", "tally/late_heartbeats": str(day.late_heartbeats)},
-    )
+    again asks for nothing new (run_key), new late rows ask for another run — with
+    org shards, one `meter_shard` run per shard (the combine follows them)."""
+    run_key = f"late:{day.usage_date}:{day.metered_at.timestamp():.0f}:{day.late_heartbeats}"
+    tags = {"tally/source": "late_heartbeats", "tally/late_heartbeats": str(day.late_heartbeats)}
+    if shard_count > 1:
+        return shard_day_requests(day.usage_date, shard_count, run_key, tags=tags)
+    return [RunRequest(run_key=run_key, partition_key=day.usage_date.isoformat(), tags=tags)]
 
 
 def late_heartbeats_sensor(
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     minimum_interval_seconds: int = SENSOR_INTERVAL_SECONDS,
+    shard_count: int = 1,
 ):
-    """Requests a `daily_billing` run of every day with late heartbeats that can
-    still be pushed, oldest first; `clock` is injectable for tests."""
+    """Requests a `daily_billing` run (with shards, `meter_shard` runs) of every day
+    with late heartbeats that can still be pushed, oldest first; `clock` is
+    injectable for tests."""
 
     @sensor(
         name="late_heartbeats",
-        job_name="daily_billing",
+        job_name=METER_SHARD if shard_count > 1 else "daily_billing",
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Re-runs days that got heartbeats after they were billed (`tally late`)",
@@ -85,7 +90,12 @@ def late_heartbeats_sensor(
         old = [day for day in late if day.past_stripe_window]
         for day in old:
             context.log.warning(f"late heartbeats past the Stripe window: {late_line(day)}")
-        requests = [late_run_request(day) for day in late if not day.past_stripe_window]
+        requests = [
+            request
+            for day in late
+            if not day.past_stripe_window
+            for request in late_run_requests(day, shard_count)
+        ]
         if not requests:
             return SkipReason(
                 f"no late heartbeats to bill ({len(old)} day(s) past the Stripe window)"

@@ -6,8 +6,16 @@ import datetime as dt
 import os
 import warnings
 
-from dagster import DailyPartitionsDefinition, PreviewWarning
+from dagster import (
+    DailyPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+    PartitionsDefinition,
+    PreviewWarning,
+    StaticPartitionsDefinition,
+)
 
+from assets.shards import ALL, Shard, shard_keys
 from resources.settings import SettingInvalid
 
 # The daily assets' checks share `daily_partitions` so each result names its day (a
@@ -50,3 +58,46 @@ daily_partitions = DailyPartitionsDefinition(
 
 def partition_day(partition_key: str) -> dt.date:
     return dt.date.fromisoformat(partition_key)
+
+
+DAY_DIMENSION = "day"
+SHARD_DIMENSION = "shard"
+
+
+def shard_partitions(count: int) -> PartitionsDefinition:
+    """The partitions of the stages that run per org shard (metering, push, read-back):
+    the days alone with one shard, else day × shard (a static dimension of `count`
+    keys, assets/shards.py), so each shard of a day is its own run."""
+    if count <= 1:
+        return daily_partitions
+    return MultiPartitionsDefinition(
+        {
+            DAY_DIMENSION: daily_partitions,
+            SHARD_DIMENSION: StaticPartitionsDefinition(shard_keys(count)),
+        }
+    )
+
+
+def shard_count_of(partitions_def: PartitionsDefinition | None) -> int:
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        shards = partitions_def.get_partitions_def_for_dimension(SHARD_DIMENSION)
+        return len(shards.get_partition_keys())
+    return 1
+
+
+def day_and_shard(
+    partition_key: str, partitions_def: PartitionsDefinition | None
+) -> tuple[dt.date, Shard]:
+    """The usage day and the org shard of a partition key (a day, or day|shard)."""
+    count = shard_count_of(partitions_def)
+    if count == 1:
+        return partition_day(partition_key), ALL
+    keys = partitions_def.get_partition_key_from_str(partition_key).keys_by_dimension  # type: ignore[union-attr]
+    return partition_day(keys[DAY_DIMENSION]), Shard.of_key(keys[SHARD_DIMENSION], count)
+
+
+def shard_partition_key(day: dt.date, shard: Shard) -> str:
+    """The partition key of one shard of a day (the day itself unsharded)."""
+    if not shard.sharded:
+        return day.isoformat()
+    return MultiPartitionKey({DAY_DIMENSION: day.isoformat(), SHARD_DIMENSION: shard.key})

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-MONITORED_JOBS = ("daily_billing", "issue_credits")
+MONITORED_JOBS = ("daily_billing", "meter_shard", "issue_credits")
 ERROR_LINE_LIMIT = 300
 NO_PARTITION = ""  # billing.run_failure_alerts.partition_key of unpartitioned jobs
 

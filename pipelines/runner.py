@@ -9,9 +9,29 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
-def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str], None]) -> int:
+def _run_config(report_only: bool) -> dict:
+    return {
+        "resources": {"run_mode": {"config": {"report_only": report_only}}},
+        # Progress is one line per day here; the full event log is in the UI.
+        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+    }
+
+
+def run_days(
+    days: Sequence[dt.date],
+    *,
+    report_only: bool,
+    echo: Callable[[str], None],
+    shard: int | None = None,
+) -> int:
     """Materialize `daily_billing` for each day in order, recorded in the Dagster
-    instance (visible in the UI). Returns the number of failed days."""
+    instance (visible in the UI). With org shards (`TALLY_SHARDS`), each day's
+    shards (or only `shard`) and then the combine. Returns the number of failed days."""
+    from assets.shards import shard_count
+
+    count = shard_count()
+    if count > 1:
+        return _run_sharded_days(days, count, report_only=report_only, echo=echo, only=shard)
     from pipelines.day_lock import day_run_lock
     from pipelines.definitions import defs
     from pipelines.local import open_local_instance
@@ -34,11 +54,7 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
                 result = job.execute_in_process(
                     partition_key=day.isoformat(),
                     instance=instance,
-                    run_config={
-                        "resources": {"run_mode": {"config": {"report_only": report_only}}},
-                        # Progress is one line per day here; the full event log is in the UI.
-                        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-                    },
+                    run_config=_run_config(report_only),
                     raise_on_error=False,
                     tags={"tally/source": "cli"},
                 )
@@ -54,6 +70,94 @@ def run_days(days: Sequence[dt.date], *, report_only: bool, echo: Callable[[str]
                     echo(f"    {step}: {message}")
         if not report_only:
             failures += _resettle_earlier_days(instance, job, days, echo)
+        if failures < len(days):
+            refresh_review(instance, echo)
+    return failures
+
+
+def _run_sharded_days(
+    days: Sequence[dt.date],
+    count: int,
+    *,
+    report_only: bool,
+    echo: Callable[[str], None],
+    only: int | None,
+) -> int:
+    """Each day: its shards' `meter_shard` runs (all, or `only`), then — once every
+    shard's latest run succeeded, here or earlier — the combining `daily_billing`.
+    A failed shard is reported with the command that re-runs it alone."""
+    from assets.shards import Shard
+    from pipelines.day_lock import day_run_lock
+    from pipelines.definitions import definitions_for
+    from pipelines.local import open_local_instance
+    from pipelines.partitions import shard_partition_key
+    from pipelines.shard_runs import shard_runs, shards_ready
+    from pipelines.summary import day_summary_line
+
+    defs = definitions_for(count)
+    meter = defs.resolve_job_def("meter_shard")
+    combine = defs.resolve_job_def("daily_billing")
+    shards = [Shard(index, count) for index in range(count) if only in (None, index)]
+    failures = 0
+    with open_local_instance() as instance, runs_of_the_workspace(instance):
+        for position, day in enumerate(days, start=1):
+            head = f"[{position}/{len(days)}] {day}"
+            failed = False
+            for shard in shards:
+                started = time.monotonic()
+                with day_run_lock(day, shard.label) as held:
+                    if not held:
+                        failed = True
+                        echo(f"{head}  shard {shard.label}  BUSY   another tally run holds it")
+                        continue
+                    result = meter.execute_in_process(
+                        partition_key=shard_partition_key(day, shard),
+                        instance=instance,
+                        run_config=_run_config(report_only),
+                        raise_on_error=False,
+                        tags={"tally/source": "cli"},
+                    )
+                status = "ok" if result.success else "FAILED"
+                echo(
+                    f"{head}  shard {shard.label}  {status:<6} "
+                    f"{time.monotonic() - started:6.1f}s  run {result.run_id}"
+                )
+                if not result.success:
+                    failed = True
+                    for step, message in failure_messages(result):
+                        echo(f"    {step}: {message}")
+                    echo(
+                        f"    re-run this shard alone: tally run --start-date {day} "
+                        f"--end-date {day} --shard {shard.index}"
+                    )
+            state = shards_ready(day, count, shard_runs(instance, [day]))
+            if not state.ready:
+                failures += failed
+                echo(f"{head}  not combined yet: {'; '.join(state.waiting_for)}")
+                continue
+            started = time.monotonic()
+            with day_run_lock(day) as held:
+                if not held:
+                    failures += 1
+                    echo(f"{head}  BUSY   another tally run is combining this day")
+                    continue
+                result = combine.execute_in_process(
+                    partition_key=day.isoformat(),
+                    instance=instance,
+                    run_config=_run_config(report_only),
+                    raise_on_error=False,
+                    tags={"tally/source": "cli"},
+                )
+            status = "ok" if result.success else "FAILED"
+            echo(
+                f"{head}  {status:<6} {time.monotonic() - started:6.1f}s  combined {count} "
+                f"shards  {day_summary_line(day)}  run {result.run_id}"
+            )
+            if not result.success:
+                failed = True
+                for step, message in failure_messages(result):
+                    echo(f"    {step}: {message}")
+            failures += failed
         if failures < len(days):
             refresh_review(instance, echo)
     return failures

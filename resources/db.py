@@ -324,13 +324,14 @@ def replace_day_rows(
     usage_date: dt.date,
     deletes: Iterable[str],
     copies: Iterable[tuple[str, Iterable[Sequence[object]]]],
+    params: dict[str, object] | None = None,
 ) -> None:
     """Idempotent per partition: under the day's lock, run each `deletes` statement
-    for the day, then COPY each (sql name, rows) of `copies` — one transaction, so a
-    re-run replaces and never adds."""
+    for the day (with `params`, e.g. the shard's part), then COPY each (sql name,
+    rows) of `copies` — one transaction, so a re-run replaces and never adds."""
     lock_day(cursor, stage, usage_date)
     for name in deletes:
-        cursor.execute(load_sql(name), {"usage_date": usage_date})
+        cursor.execute(load_sql(name), {**(params or {}), "usage_date": usage_date})
     for name, rows in copies:
         with cursor.copy(load_sql(name)) as copy:
             for row in rows:

@@ -6,3 +6,4 @@ WHERE reason = %(reason)s
   AND usage_date <> %(usage_date)s
   AND sent_at >= %(day_start)s AND sent_at < %(day_end)s
   AND sent_at < %(not_future_before)s
+  AND (part = %(part)s OR NOT (part = ANY(%(parts)s)))

@@ -7,13 +7,13 @@ WITH per_instance AS (
          sum(over_daily_seconds) AS over_daily_seconds,
          sum(billable_seconds) AS billable_seconds
   FROM billing.billed_usage_instances
-  WHERE usage_date = %(usage_date)s
+  WHERE usage_date = %(usage_date)s AND part = %(part)s
   GROUP BY org_id, tier
 ), per_org AS (
   SELECT org_id, tier, runtime_seconds, idle_paused_seconds, over_continuous_seconds,
          over_daily_seconds, billable_seconds
   FROM billing.billed_usage
-  WHERE usage_date = %(usage_date)s
+  WHERE usage_date = %(usage_date)s AND part = %(part)s
 )
 SELECT coalesce(o.org_id, i.org_id) AS org_id, coalesce(o.tier, i.tier) AS tier
 FROM per_org o

@@ -1,2 +1,3 @@
-COPY billing.provider_usage (usage_date, org_id, tier, provider, customer_id, seconds, exact)
+COPY billing.provider_usage (usage_date, org_id, tier, provider, customer_id, seconds, exact,
+                            part)
 FROM STDIN

@@ -1,1 +1,1 @@
-COPY billing.provider_customers (usage_date, provider, customer_id, known) FROM STDIN
+COPY billing.provider_customers (usage_date, provider, customer_id, known, part) FROM STDIN
