@@ -4,9 +4,12 @@ For each size (default 10,000 instances, 10 per org) × one heartbeat a minute f
 the day and the day before (≈ 2,880 rows an instance) in PostgreSQL: the rows, a
 bare `COPY (the day's heartbeats) TO STDOUT` measured in the same run, the wall
 time of the run, their ratio and the run's own peak RSS (os.wait4 on the child).
-Each figure is the median of --repeat runs. Run by hand:
+Each figure is the median of --repeat runs. Then the same day as `--shards` org
+shards at once (`TALLY_SHARDS`, one `tally run --shard K` process per shard, the
+last combining the day), as the queued run coordinator runs a sharded day. Run by
+hand:
 
-    .venv/bin/python benchmarks/metering.py [--instances 10000,20000,40000] [--repeat 3]
+    .venv/bin/python benchmarks/metering.py [--instances 10000,20000,40000] [--shards 4]
 
 Uses BENCH_DATABASE_URL / --database-url, else the server at 127.0.0.1:5432, else
 the embedded one; creates (and leaves, for re-runs with --reuse) one database per
@@ -141,10 +144,11 @@ def bare_copy_seconds(bench_url: str) -> tuple[float, int, int]:
     return elapsed, size, rows
 
 
-def tally_run(bench_url: str) -> subprocess.Popen:
+def tally_run(bench_url: str, shard: int | None = None, shards: int = 1) -> subprocess.Popen:
     env = {**os.environ, "DATABASE_URL": bench_url, "TALLY_HOME": str(ROOT / ".tally" / "bench")}
     env.pop("BILLING_DATABASE_URL", None)
     env.pop("DAGSTER_HOME", None)
+    env["TALLY_SHARDS"] = str(shards)
     command = [
         sys.executable,
         "-m",
@@ -155,6 +159,7 @@ def tally_run(bench_url: str) -> subprocess.Popen:
         "--end-date",
         DAY.isoformat(),
         "--report-only",
+        *(["--shard", str(shard)] if shard is not None else []),
     ]
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -178,6 +183,22 @@ def tally_run_seconds(bench_url: str) -> tuple[float, float, str]:
     return time.monotonic() - started, peak_rss_mib, last_line
 
 
+def sharded_run_seconds(bench_url: str, shards: int) -> tuple[float, float, str]:
+    """`tally run --shard K --report-only` for every shard at once (TALLY_SHARDS =
+    `shards`), as the queued run coordinator would run them: wall time until the
+    last one (which combines the day) ends, the largest process's peak RSS, and the
+    combining process's last line."""
+    started = time.monotonic()
+    processes = [tally_run(bench_url, shard, shards) for shard in range(shards)]
+    results = [wait_child(process) for process in processes]
+    combined = [line for _, line in results if "combined" in line or "review" in line]
+    return (
+        time.monotonic() - started,
+        max(peak for peak, _ in results),
+        combined[-1] if combined else results[-1][1],
+    )
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -191,6 +212,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
     parser.add_argument("--reuse", action="store_true", help="keep an existing size database")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=4,
+        help="also run each size as this many org shards in parallel (0: skip)",
+    )
     args = parser.parse_args()
     try:
         sizes = [int(size) for size in args.instances.split(",")]
@@ -220,16 +247,36 @@ def main() -> None:
                 flush=True,
             )
         print(f"  {last_line}")
-        rows_out.append((instances, day_rows, copies, runs, ratios, peaks))
+        sharded: list[tuple[float, float, float]] = []
+        for _ in range(args.repeat if args.shards > 1 else 0):
+            copy_seconds, _, _ = bare_copy_seconds(bench_url)
+            run_seconds, peak_rss, line = sharded_run_seconds(bench_url, args.shards)
+            sharded.append((copy_seconds, run_seconds, peak_rss))
+            print(
+                f"  {instances:,} in {args.shards} shards at once: COPY {copy_seconds:.2f} s, "
+                f"run {run_seconds:.2f} s (×{run_seconds / copy_seconds:.2f}), "
+                f"{peak_rss:,.0f} MiB per process",
+                flush=True,
+            )
+        rows_out.append((instances, day_rows, copies, runs, ratios, peaks, sharded))
     print()
     print("| instances | day rows | COPY s | tally s | ratio run / COPY | peak RSS MiB |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for instances, day_rows, copies, runs, ratios, peaks in rows_out:
+    for instances, day_rows, copies, runs, ratios, peaks, sharded in rows_out:
         print(
             f"| {instances:,} | {day_rows:,} | {median(copies):.2f} | {median(runs):.2f} | "
             f"**{median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) | "
             f"{max(peaks):,.0f} |"
         )
+        if sharded:
+            shard_ratios = [run / copy for copy, run, _ in sharded]
+            print(
+                f"| {instances:,}, {args.shards} shards at once | {day_rows:,} | "
+                f"{median([c for c, _, _ in sharded]):.2f} | "
+                f"{median([r for _, r, _ in sharded]):.2f} | "
+                f"{median(shard_ratios):.2f} ({min(shard_ratios):.2f}–{max(shard_ratios):.2f}) | "
+                f"{max(p for _, _, p in sharded):,.0f} per process |"
+            )
     print(
         f"(medians of {args.repeat} paired runs, ratio range in brackets, peak RSS the "
         f"largest; load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)"

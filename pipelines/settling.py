@@ -51,3 +51,47 @@ def resettle(instance, job, days: list[dt.date], echo: Callable[[str], None]) ->
         )
         failures += not result.success
     return failures
+
+
+def resettle_sharded(
+    instance, meter, combine, days: list[dt.date], count: int, echo: Callable[[str], None]
+) -> int:
+    """`resettle` for org shards: each shard re-reads its customers (`meter_shard`,
+    provider_usage only), then the combine re-reads the shared ones and reconciles."""
+    from assets.shards import Shard
+    from pipelines.partitions import shard_partition_key
+    from pipelines.summary import day_summary_line
+
+    config = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    tags = {"tally/source": "cli", "tally/resettle": "true"}
+    failures = 0
+    for day in days:
+        results = [
+            meter.execute_in_process(
+                partition_key=shard_partition_key(day, Shard(index, count)),
+                instance=instance,
+                asset_selection=[AssetKey("provider_usage")],
+                run_config=config,
+                raise_on_error=False,
+                tags=tags,
+            )
+            for index in range(count)
+        ]
+        if all(result.success for result in results):
+            results.append(
+                combine.execute_in_process(
+                    partition_key=day.isoformat(),
+                    instance=instance,
+                    asset_selection=[AssetKey("shared_provider_usage"), AssetKey("reconciliation")],
+                    run_config=config,
+                    raise_on_error=False,
+                    tags=tags,
+                )
+            )
+        ok = all(result.success for result in results) and len(results) == count + 1
+        echo(
+            f"[settling] {day}  {'ok' if ok else 'FAILED':<6} re-read ({count} shards) and "
+            f"re-reconciled  {day_summary_line(day)}  run {results[-1].run_id}"
+        )
+        failures += not ok
+    return failures

@@ -63,7 +63,7 @@ def test_run_migrates_a_new_billing_database_before_the_first_day(
     monkeypatch.setenv("BILLING_DATABASE_URL", new_billing_url)
     seen: list[list[str]] = []
 
-    def first_day_fails_at_once(days, *, report_only, echo):
+    def first_day_fails_at_once(days, *, report_only, echo, shard=None):
         seen.append(applied_migrations(new_billing_url))  # what the day finds
         return len(days)
 

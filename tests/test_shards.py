@@ -259,6 +259,17 @@ def run_days_here(**options) -> tuple[int, list[str]]:
     return failures, lines
 
 
+def combine_sensor_says():
+    """What the daemon's `shards_combined` sensor asks for, on this instance's runs."""
+    from dagster import build_sensor_context
+
+    from pipelines.local import open_local_instance
+    from pipelines.shard_runs import shards_combined_sensor
+
+    with open_local_instance() as instance:
+        return shards_combined_sensor(SHARDS)(build_sensor_context(instance=instance))
+
+
 def meter_shard_runs(shard: str) -> list[str]:
     from pipelines.local import open_local_instance
     from pipelines.shard_runs import shard_runs
@@ -305,6 +316,8 @@ def test_four_shards_bill_push_and_read_back_exactly_what_one_day_does(
         {"d": DAY},
     )
     assert shared_rows == [("cus_shared_by_two",)]
+    (request,) = combine_sensor_says()  # under the daemon, the sensor combines the day
+    assert request.partition_key == DAY.isoformat() and request.run_key.startswith("combine:")
 
 
 def test_a_failed_shard_re_runs_alone_and_the_day_then_combines(
@@ -326,6 +339,8 @@ def test_a_failed_shard_re_runs_alone_and_the_day_then_combines(
         "not combined yet" in line and f"shard {polar_shard}: failure" in line for line in lines
     ), lines
     assert not query_rows(engine, "SELECT 1 FROM billing.reconciliations")  # not combined
+    skipped = combine_sensor_says()
+    assert f"shard {polar_shard}: failure" in skipped.skip_message
     others = {k: meter_shard_runs(str(k)) for k in range(SHARDS) if str(k) != polar_shard}
     ledger_before = query_rows(
         engine,
@@ -355,3 +370,73 @@ def test_a_failed_shard_re_runs_alone_and_the_day_then_combines(
         for row in [next(r for r in ledger_before if r[0] == identifier)]
     )
     assert outcome(engine, providers_env) == unsharded
+
+
+# -- the daemon's side: schedule, combine sensor, late re-runs ---------------------------
+
+
+def test_the_sharded_schedule_asks_for_one_run_per_shard_and_re_reads_settling_days(engine):
+    from dagster import build_schedule_context
+
+    from pipelines.definitions import build_definitions
+    from resources.db import PostgresResource
+
+    settling = DAY - dt.timedelta(days=3)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO billing.discrepancies (usage_date, kind, org_id, delta_seconds, "
+                "money_moving, detail) VALUES (:d, 'provider_settling', 'org-x', -60, false, 'x')"
+            ),
+            {"d": settling},
+        )
+    defs = build_definitions(SHARDS)
+    repository = defs.get_repository_def()
+    tick = dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(2), tzinfo=dt.UTC)
+    context = build_schedule_context(
+        scheduled_execution_time=tick,
+        repository_def=repository,
+        resources={"postgres": PostgresResource()},
+    )
+    schedule = repository.get_schedule_def("daily_billing_schedule")
+    assert schedule.job_name == "meter_shard"
+    requests = list(schedule.evaluate_tick(context).run_requests)
+    keys = [str(request.partition_key) for request in requests]
+    # Distinct partition keys: the queued run coordinator's one-run-per-partition
+    # limit lets a day's shards run side by side.
+    assert keys == [f"{DAY}|{k}" for k in range(SHARDS)] + [
+        f"{settling}|{k}" for k in range(SHARDS)
+    ]
+    assert len({request.run_key for request in requests}) == len(requests)
+    for request in requests[SHARDS:]:
+        assert [key.to_user_string() for key in request.asset_selection] == ["provider_usage"]
+
+
+def test_late_heartbeats_of_a_sharded_day_re_run_every_shard() -> None:
+    from assets.late_heartbeats import LateDay
+    from pipelines.late import late_run_requests
+
+    late = LateDay(DAY, 7, dt.datetime(2026, 1, 1, tzinfo=dt.UTC), False)
+    requests = late_run_requests(late, SHARDS)
+    assert [str(r.partition_key) for r in requests] == [f"{DAY}|{k}" for k in range(SHARDS)]
+    assert {r.job_name for r in requests} == {"meter_shard"}
+    (single,) = late_run_requests(late, 1)
+    assert single.partition_key == DAY.isoformat() and single.job_name is None
+
+
+@pytest.mark.parametrize(
+    ("shards", "argv", "message"),
+    [
+        ("", ["--shard", "1"], "days are not split into shards; set TALLY_SHARDS"),
+        ("4", ["--shard", "4"], "TALLY_SHARDS=4 has shards 0 to 3"),
+        ("4", ["--shard", "-1"], "TALLY_SHARDS=4 has shards 0 to 3"),
+    ],
+)
+def test_shard_option_misuse_is_one_line_and_exit_2(shards, argv, message, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.setenv("TALLY_SHARDS", shards)
+    day = DAY.isoformat()
+    code = main(["run", "--start-date", day, "--end-date", day, *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
