@@ -124,3 +124,57 @@ def test_every_asset_check_says_what_it_checks() -> None:
         if not spec.description
     ]
     assert undescribed == []
+
+
+# -- the sharded graph (TALLY_SHARDS > 1) ---------------------------------------------
+
+SHARDED = {
+    **ASSETS,
+    "shared_provider_usage": ("reconcile", ["provider_usage"]),
+    "reconciliation": ("reconcile", ["provider_usage", "shared_provider_usage"]),
+}
+PER_SHARD = {"billed_usage", "usage_push", "provider_usage"}
+
+
+def test_the_sharded_graph_runs_metering_push_and_read_back_per_day_and_shard() -> None:
+    from dagster import MultiPartitionsDefinition
+
+    from pipelines.definitions import build_definitions
+
+    sharded = build_definitions(4)
+    graph = sharded.resolve_asset_graph()
+    found = {
+        key.to_user_string(): (
+            graph.get(key).group_name,
+            sorted(parent.to_user_string() for parent in graph.get(key).parent_keys),
+        )
+        for key in graph.get_all_asset_keys()
+    }
+    assert found == SHARDED
+    for name in PER_SHARD:
+        partitions = graph.get(
+            next(k for k in graph.get_all_asset_keys() if k.to_user_string() == name)
+        ).partitions_def
+        assert isinstance(partitions, MultiPartitionsDefinition), name
+        dimensions = {d.name: d.partitions_def for d in partitions.partitions_defs}
+        assert dimensions["shard"].get_partition_keys() == ["0", "1", "2", "3"]
+        assert isinstance(dimensions["day"], DailyPartitionsDefinition)
+    checks = {
+        (check.asset_key.to_user_string(), check.name): graph.get_check_spec(check).blocking
+        for check in graph.asset_check_keys
+    }
+    assert checks == CHECKS  # every shard runs the same checks on its own rows
+    meter = sharded.resolve_job_def("meter_shard")
+    assert sorted(meter.graph.node_dict) == sorted(PER_SHARD)
+    combine = sharded.resolve_job_def("daily_billing")
+    assert sorted(combine.graph.node_dict) == sorted(set(SHARDED) - PER_SHARD - UNPARTITIONED)
+    assert sharded.resolve_schedule_def("daily_billing_schedule").job_name == "meter_shard"
+    sensors = {sensor.name for sensor in sharded.sensors}
+    assert sensors == {
+        "reconciliation_freshness",
+        "deadmans_switch",
+        "run_failure_alerts",
+        "finance_review_after_runs",
+        "late_heartbeats",
+        "shards_combined",
+    }
