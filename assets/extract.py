@@ -146,7 +146,9 @@ _SPILL_SCHEMA = pa.schema(
     ]
 )
 BATCH_HINT_BYTES = 16 << 20  # ADBC record batches of about this size (a few 100k rows)
-DEFAULT_ROWS_PER_GROUP = 2_000_000
+# Two groups are metered at once (assets/metering.py METERING_THREADS): 1 M rows a
+# group keeps the peak where one group of 2 M had it, and uses both cores.
+DEFAULT_ROWS_PER_GROUP = 1_000_000
 
 
 def org_groups(

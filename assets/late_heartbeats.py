@@ -81,7 +81,12 @@ def read_metered_days(billing_engine, since: dt.date, until: dt.date) -> list[Me
 
 
 def find_late_days(
-    control_engine, billing_engine, since: dt.date, until: dt.date, now: dt.datetime
+    control_engine,
+    billing_engine,
+    since: dt.date,
+    until: dt.date,
+    now: dt.datetime,
+    part: str | None = None,
 ) -> list[LateDay]:
     """Late days among the days metered in [since, until]: one index range count per
     day (per shard of a sharded day) on the control plane (heartbeats_sent_at)."""
@@ -90,6 +95,8 @@ def find_late_days(
     from resources.db import raw_connection, read_frame
 
     metered = read_metered_days(billing_engine, since, until)
+    if part is not None:  # one org shard's own check looks at its own windows only
+        metered = [day for day in metered if day.part == part]
     if not metered:
         return []
     with raw_connection(control_engine) as connection:

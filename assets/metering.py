@@ -13,6 +13,7 @@ of any other tier is quarantined as `unknown_tier`.
 import datetime as dt
 import importlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,8 @@ from resources.db import (
     replace_day_rows,
 )
 from resources.settings import RunMode
+
+METERING_THREADS = 2  # spilled groups metered at once (assets/extract.py group size)
 
 # billing.billed_usage_instances (migration 0014), one row per instance with runtime.
 INSTANCE_COLUMNS = ["org_id", "usage_date", "instance_id", "tier", *SECONDS_COLUMNS]
@@ -316,21 +319,23 @@ def compute_in_org_chunks(
     is metered one spilled group at a time (each read, metered and dropped)."""
     if isinstance(heartbeats, HeartbeatSpill):
         spill = heartbeats
-        return _combine(
-            [
-                compute_in_org_chunks(
-                    spill.group(group),
-                    instances[spill.instance_group == group],
-                    throttle,
-                    usage_date,
-                    run_time,
-                    rules,
-                    max_rows_per_chunk,
-                    known_tiers=known_tiers,
-                )
-                for group in range(spill.groups)
-            ]
-        )
+
+        def meter_group(group: int) -> MeteringResult:
+            return compute_in_org_chunks(
+                spill.group(group),
+                instances[spill.instance_group == group],
+                throttle,
+                usage_date,
+                run_time,
+                rules,
+                max_rows_per_chunk,
+                known_tiers=known_tiers,
+            )
+
+        # numpy's sorts and pandas' group-bys release the GIL: two groups at once
+        # use both cores; map keeps group order, so the result is the same.
+        with ThreadPoolExecutor(max_workers=METERING_THREADS) as pool:
+            return _combine(list(pool.map(meter_group, range(spill.groups))))
     if isinstance(heartbeats, pd.DataFrame):
         heartbeats = HeartbeatColumns.from_frame(heartbeats)
     instance_ids = instances["instance_id"].astype(str).to_numpy(dtype=object)
@@ -654,6 +659,7 @@ def meter_partition(
         usage_date - dt.timedelta(days=rules.late_lookback_days),
         usage_date - dt.timedelta(days=1),
         run_time,
+        part=shard.label if shard.sharded else None,
     )
     return MaterializeResult(
         metadata=materialization_metadata(usage_date, stored, extract, result),

@@ -316,8 +316,8 @@ def write_provider_usage(
     params = {
         "usage_date": usage_date,
         **scope.params(),
-        "providers": [provider for provider, _ in pairs],
-        "customers": [customer for _, customer in pairs],
+        "read_providers": [provider for provider, _ in pairs],
+        "read_customers": [customer for _, customer in pairs],
     }
     part = scope.part
     with connection.cursor() as cursor:

@@ -218,6 +218,9 @@ def main() -> None:
         default=4,
         help="also run each size as this many org shards in parallel (0: skip)",
     )
+    parser.add_argument(
+        "--shard-repeat", type=int, default=1, help="sharded runs per size (median)"
+    )
     args = parser.parse_args()
     try:
         sizes = [int(size) for size in args.instances.split(",")]
@@ -248,7 +251,7 @@ def main() -> None:
             )
         print(f"  {last_line}")
         sharded: list[tuple[float, float, float]] = []
-        for _ in range(args.repeat if args.shards > 1 else 0):
+        for _ in range(args.shard_repeat if args.shards > 1 else 0):
             copy_seconds, _, _ = bare_copy_seconds(bench_url)
             run_seconds, peak_rss, line = sharded_run_seconds(bench_url, args.shards)
             sharded.append((copy_seconds, run_seconds, peak_rss))
@@ -278,7 +281,8 @@ def main() -> None:
                 f"{max(p for _, _, p in sharded):,.0f} per process |"
             )
     print(
-        f"(medians of {args.repeat} paired runs, ratio range in brackets, peak RSS the "
+        f"(medians of {args.repeat} paired runs ({args.shard_repeat} sharded), ratio range in "
+        "brackets, peak RSS the "
         f"largest; load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)"
     )
 

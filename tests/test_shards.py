@@ -319,6 +319,21 @@ def test_four_shards_bill_push_and_read_back_exactly_what_one_day_does(
     (request,) = combine_sensor_says()  # under the daemon, the sensor combines the day
     assert request.partition_key == DAY.isoformat() and request.run_key.startswith("combine:")
 
+    # Late heartbeats are counted per shard: the shard that owns the instance sees them.
+    from assets.late_heartbeats import find_late_days
+    from resources.db import billing_engine, control_engine
+
+    late_org = orgs["stripe"][5]
+    owner = Shard(shard_of(late_org, SHARDS), SHARDS)
+    add_heartbeats(engine, every_minute(f"i-{late_org}-0", at(DAY, 20), 3))
+    now = dt.datetime.now(dt.UTC)
+    found = find_late_days(control_engine(), billing_engine(), DAY, DAY, now)
+    assert [(day.usage_date, day.late_heartbeats) for day in found] == [(DAY, 3)]
+    mine = find_late_days(control_engine(), billing_engine(), DAY, DAY, now, part=owner.label)
+    assert [day.late_heartbeats for day in mine] == [3]
+    other = Shard((owner.index + 1) % SHARDS, SHARDS).label
+    assert find_late_days(control_engine(), billing_engine(), DAY, DAY, now, part=other) == []
+
 
 def test_a_failed_shard_re_runs_alone_and_the_day_then_combines(
     engine, providers_env, dagster_home, monkeypatch

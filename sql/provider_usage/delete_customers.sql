@@ -4,4 +4,4 @@ DELETE FROM billing.provider_customers WHERE usage_date = %(usage_date)s
   AND (part = %(part)s OR NOT (part = ANY(%(parts)s))
        -- a customer this read-back reads, whichever part read it before
        OR (provider, customer_id) IN (
-         SELECT * FROM unnest(%(providers)s::text[], %(customers)s::text[])))
+         SELECT * FROM unnest(%(read_providers)s::text[], %(read_customers)s::text[])))
