@@ -339,8 +339,12 @@ class ShardFilter:
     owns_unknown: bool
 
     @classmethod
-    def of(cls, all_instances: pd.DataFrame, shard: Shard) -> ShardFilter:
-        mine = all_instances["org_id"].astype(str).map(shard.owns)
+    def of(
+        cls, all_instances: pd.DataFrame, shard: Shard, mine: pd.Series | None = None
+    ) -> ShardFilter:
+        """`mine`: which rows of `all_instances` the shard owns, if already known."""
+        if mine is None:
+            mine = shard_mask(all_instances, shard)
         known = all_instances["instance_id"].astype(str)
         return cls(
             json.dumps(known[mine].tolist()),
@@ -548,16 +552,22 @@ class _Settings:
     shard_filter: ShardFilter | None = None
 
 
+def shard_mask(rows: pd.DataFrame, shard: Shard) -> pd.Series:
+    """Which rows (with an org_id column) belong to `shard`."""
+    return rows["org_id"].astype(str).map(shard.owns).astype(bool)
+
+
 def _shard_rows(
     instances: pd.DataFrame,
+    mine_mask: pd.Series,
     throttle: pd.DataFrame,
     untrusted: pd.DataFrame,
     shard: Shard,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The shard's instances, throttle rows and untrusted heartbeats (those of its
     instances; shard 0 also those of unknown or null ids)."""
-    mine = instances[instances["org_id"].astype(str).map(shard.owns).astype(bool)]
-    throttle = throttle[throttle["org_id"].astype(str).map(shard.owns).astype(bool)]
+    mine = instances[mine_mask]
+    throttle = throttle[shard_mask(throttle, shard)]
     if len(untrusted):
         ids = untrusted["instance_id"]
         keep = ids.isin(set(mine["instance_id"]))
@@ -600,8 +610,9 @@ def _read_settings(
     instances["stopped_at"] = pd.to_datetime(instances["stopped_at"], utc=True)
     shard_filter = None
     if shard.sharded:
-        shard_filter = ShardFilter.of(instances, shard)
-        instances, throttle, untrusted = _shard_rows(instances, throttle, untrusted, shard)
+        mine = shard_mask(instances, shard)
+        shard_filter = ShardFilter.of(instances, shard, mine)
+        instances, throttle, untrusted = _shard_rows(instances, mine, throttle, untrusted, shard)
     return _Settings(
         instances,
         throttle,

@@ -62,12 +62,11 @@ class ProviderDay:
         """What the ledger says each (customer, tier) holds, all orgs together."""
         return {pair: sum(by_org.values()) for pair, by_org in self.sent.items()}
 
-    def orgs_of(self, customer: str) -> set[str]:
-        """Every org billed to a customer now or sent to it on the day."""
-        orgs = set(self.current.get(customer, []))
-        for (sent_customer, _), by_org in self.sent.items():
-            if sent_customer == customer:
-                orgs |= set(by_org)
+    def orgs_by_customer(self) -> dict[str, set[str]]:
+        """Every org billed to each customer now or sent to it on the day."""
+        orgs = {customer: set(current) for customer, current in self.current.items()}
+        for (customer, _), by_org in self.sent.items():
+            orgs.setdefault(customer, set()).update(by_org)
         return orgs
 
     def only(self, customers: set[str]) -> "ProviderDay":
@@ -114,7 +113,7 @@ class ReadScope:
     def restrict(self, day: ProviderDay) -> ProviderDay:
         if not self.shard.sharded:
             return day
-        return day.only({c for c in day.customers if self.reads(day.orgs_of(c))})
+        return day.only({c for c, orgs in day.orgs_by_customer().items() if self.reads(orgs)})
 
 
 def provider_day(provider: str, orgs: pd.DataFrame, sent: pd.DataFrame) -> ProviderDay:
@@ -421,9 +420,10 @@ def read_back(
         started = time.monotonic()
         polls = 0
         waiting: set[tuple[str, str]] = set()
+        ledger = _ledger_totals(scoped_sent(request))
         while not run_mode.report_only:
             waiting = unsettled_targets(
-                _ledger_totals(scoped_sent(request)),
+                ledger,
                 _recorded_totals(read.usage),
                 activity,
                 dt.datetime.now(dt.UTC),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from resources.settings import SettingInvalid
@@ -65,9 +64,6 @@ class Shard:
         if org_id is None:
             return self.owns_unknown
         return shard_of(str(org_id), self.count) == self.index
-
-    def mine(self, org_ids: Iterable[str]) -> list[bool]:
-        return [self.owns(org_id) for org_id in org_ids]
 
     def params(self) -> dict[str, object]:
         """What the part-scoped SQL binds: its label and every label of its layout

@@ -17,6 +17,22 @@ def _run_config(report_only: bool) -> dict:
     }
 
 
+def _execute(job, partition_key: str, instance, report_only: bool):
+    """One CLI run of `job` for a partition, recorded in `instance`."""
+    return job.execute_in_process(
+        partition_key=partition_key,
+        instance=instance,
+        run_config=_run_config(report_only),
+        raise_on_error=False,
+        tags={"tally/source": "cli"},
+    )
+
+
+def _echo_failures(result, echo: Callable[[str], None]) -> None:
+    for step, message in failure_messages(result):
+        echo(f"    {step}: {message}")
+
+
 def run_days(
     days: Sequence[dt.date],
     *,
@@ -51,13 +67,7 @@ def run_days(
                         "one ends"
                     )
                     continue
-                result = job.execute_in_process(
-                    partition_key=day.isoformat(),
-                    instance=instance,
-                    run_config=_run_config(report_only),
-                    raise_on_error=False,
-                    tags={"tally/source": "cli"},
-                )
+                result = _execute(job, day.isoformat(), instance, report_only)
             elapsed = time.monotonic() - started
             status = "ok" if result.success else "FAILED"
             echo(
@@ -66,8 +76,7 @@ def run_days(
             )
             if not result.success:
                 failures += 1
-                for step, message in failure_messages(result):
-                    echo(f"    {step}: {message}")
+                _echo_failures(result, echo)
         if not report_only:
             failures += _resettle_earlier_days(instance, job, days, echo)
         if failures < len(days):
@@ -110,13 +119,7 @@ def _run_sharded_days(
                         failed = True
                         echo(f"{head}  shard {shard.label}  BUSY   another tally run holds it")
                         continue
-                    result = meter.execute_in_process(
-                        partition_key=shard_partition_key(day, shard),
-                        instance=instance,
-                        run_config=_run_config(report_only),
-                        raise_on_error=False,
-                        tags={"tally/source": "cli"},
-                    )
+                    result = _execute(meter, shard_partition_key(day, shard), instance, report_only)
                 status = "ok" if result.success else "FAILED"
                 echo(
                     f"{head}  shard {shard.label}  {status:<6} "
@@ -124,8 +127,7 @@ def _run_sharded_days(
                 )
                 if not result.success:
                     failed = True
-                    for step, message in failure_messages(result):
-                        echo(f"    {step}: {message}")
+                    _echo_failures(result, echo)
                     echo(
                         f"    re-run this shard alone: tally run --start-date {day} "
                         f"--end-date {day} --shard {shard.index}"
@@ -142,13 +144,7 @@ def _run_sharded_days(
                     failures += only is None or failed
                     echo(f"{head}  BUSY   another tally run is combining this day")
                     continue
-                result = combine.execute_in_process(
-                    partition_key=day.isoformat(),
-                    instance=instance,
-                    run_config=_run_config(report_only),
-                    raise_on_error=False,
-                    tags={"tally/source": "cli"},
-                )
+                result = _execute(combine, day.isoformat(), instance, report_only)
             status = "ok" if result.success else "FAILED"
             echo(
                 f"{head}  {status:<6} {time.monotonic() - started:6.1f}s  combined {count} "
@@ -156,8 +152,7 @@ def _run_sharded_days(
             )
             if not result.success:
                 failed = True
-                for step, message in failure_messages(result):
-                    echo(f"    {step}: {message}")
+                _echo_failures(result, echo)
             failures += failed
         if not report_only and only is None:
             from pipelines.settling import resettle_sharded, settling_days
